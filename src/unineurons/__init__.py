@@ -1,0 +1,3 @@
+"""unineurons: find and study universal neurons across seeds of language models."""
+
+__version__ = "0.1.0"

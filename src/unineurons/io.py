@@ -1,0 +1,163 @@
+"""Atomic, pickle-free file writing and hashing.
+
+Every file unineurons writes goes through here: written to a temporary sibling, flushed and
+renamed into place, so a killed process never leaves a half-written file that looks whole.
+Only JSON, NumPy ``.npy``, parquet and safetensors are written or read: no pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UnineuronsError
+
+__all__ = [
+    "atomic_path",
+    "write_json",
+    "read_json",
+    "write_parquet",
+    "save_tensors",
+    "load_tensors",
+    "sha256_file",
+    "prepare_out_dir",
+    "MARKER",
+]
+
+#: Name of the marker file that says "this folder was made by unineurons, of this kind".
+MARKER = ".unineurons.json"
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    On any exception the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> Any:
+    """Read JSON, turning a missing or malformed file into a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnineuronsError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UnineuronsError(
+            f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}); "
+            "it is corrupt: delete it and re-create it"
+        ) from None
+
+
+def write_parquet(df: Any, path: str | os.PathLike) -> None:
+    """Write a pandas DataFrame to parquet atomically (no index)."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None):
+    """Save a dict of torch tensors / numpy arrays as safetensors, atomically."""
+    import torch
+    from safetensors.torch import save_file
+
+    clean = {}
+    for k, v in tensors.items():
+        t = torch.as_tensor(v) if not isinstance(v, torch.Tensor) else v
+        clean[k] = t.detach().to("cpu").contiguous()
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | os.PathLike, what: str = "state file") -> tuple[dict, dict]:
+    """Load safetensors (tensors, metadata); a corrupt file gives a clear error."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UnineuronsError(f"{what} {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118
+    except Exception as e:  # safetensors raises several types for a damaged file
+        raise UnineuronsError(
+            f"{what} {path} cannot be read as safetensors ({e}); it is corrupt: delete it"
+        ) from None
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def prepare_out_dir(path: str | os.PathLike, kind: str, *, exist_ok: bool = True) -> Path:
+    """Create (or reuse) an output folder that belongs to unineurons and holds ``kind``.
+
+    A folder that exists, is not empty and has no marker of the same kind holds something
+    else: refuse it rather than write into (or over) the user's files.
+    """
+    path = Path(path)
+    marker = path / MARKER
+    if path.exists():
+        if not path.is_dir():
+            raise UnineuronsError(f"output {path} exists and is not a folder; choose another --out")
+        if any(path.iterdir()):
+            if not marker.is_file():
+                raise UnineuronsError(
+                    f"output folder {path} is not empty and was not made by unineurons; "
+                    "choose an empty or new --out"
+                )
+            found = read_json(marker, "marker").get("kind")
+            if found != kind:
+                raise UnineuronsError(
+                    f"output folder {path} holds a unineurons {found!r}, not a {kind!r}; "
+                    "choose another --out"
+                )
+            if not exist_ok:
+                raise UnineuronsError(f"output folder {path} already holds a {kind}")
+    path.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        from . import __version__
+
+        write_json(marker, {"kind": kind, "version": __version__})
+    return path

@@ -1,0 +1,148 @@
+"""The activation stream: every model runs once per batch of contexts.
+
+For each batch of contexts read in store order, every model runs one forward pass with
+capture hooks on its MLP output projections (see :mod:`unineurons.models.adapters`), and the
+stream yields per model the activations of all layers, flattened to ``[n, L * d_mlp]`` (column
+``layer * d_mlp + neuron``) over the *kept* positions. By default the positions holding BOS,
+EOS, pad or a newline token are dropped, as in Gurnee et al.
+
+Consumers (accumulators) never see a model twice for the same tokens: correlating K models
+costs K forward passes per batch, whatever the number of pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import UnineuronsError
+from .models.load import LoadedModel
+
+__all__ = ["MaskConfig", "StreamBatch", "activation_stream", "token_mask", "flat_index"]
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Which positions the stream drops before any statistic sees them."""
+
+    drop_bos: bool = True  #: the BOS token starting every context (an attention sink, not text)
+    drop_eos: bool = True  #: document separators
+    drop_pad: bool = True  #: padding
+    drop_newline: bool = True  #: tokens that are only whitespace with a newline
+
+
+def flat_index(layer: int, neuron: int, d_mlp: int) -> int:
+    """Column of neuron ``L{layer}.N{neuron}`` in a flattened activation row."""
+    return layer * d_mlp + neuron
+
+
+def token_mask(tokens: torch.Tensor, special: dict, cfg: MaskConfig) -> torch.Tensor:
+    """Bool ``[B, T]``: True where the position is kept."""
+    drop: list[int] = []
+    if cfg.drop_bos and special.get("bos_id") is not None:
+        drop.append(int(special["bos_id"]))
+    if cfg.drop_eos and special.get("eos_id") is not None:
+        drop.append(int(special["eos_id"]))
+    if cfg.drop_pad and special.get("pad_id") is not None:
+        drop.append(int(special["pad_id"]))
+    if cfg.drop_newline:
+        drop.extend(int(i) for i in special.get("newline_ids", []))
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    if drop:
+        keep &= ~torch.isin(tokens, torch.tensor(sorted(set(drop)), dtype=tokens.dtype))
+    if cfg.drop_bos:
+        keep[:, 0] = False  # column 0 is BOS by construction of the token store
+    return keep
+
+
+@dataclass
+class StreamBatch:
+    """One batch of the stream. ``n`` = number of kept positions in the batch."""
+
+    start: int  #: index (in the token store) of the first context of this batch
+    tokens: torch.Tensor  #: [B, T] int64, the contexts
+    mask: torch.Tensor  #: [B, T] bool, kept positions
+    rows: torch.Tensor  #: [n] int64, token-store row of each kept position
+    positions: torch.Tensor  #: [n] int64, position in its context
+    token_ids: torch.Tensor  #: [n] int64, the token at the position
+    prev_token_ids: torch.Tensor  #: [n] int64, the token before it
+    acts: list[torch.Tensor]  #: per model [n, L * d_mlp], on the compute device
+    pre_acts: list[torch.Tensor] | None = None  #: per model [n, L * d_mlp] (pre-nonlinearity)
+
+    @property
+    def n(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def n_contexts(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@torch.inference_mode()
+def _run_one(m: LoadedModel, tokens: torch.Tensor, keep: torch.Tensor, pre_activation: bool
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ad = m.adapter
+    with ad.capture(pre_activation=pre_activation) as store:
+        m.model(input_ids=tokens, use_cache=False)
+    acts = torch.stack([store[layer] for layer in range(ad.n_layers)], dim=2)  # [B, T, L, d_mlp]
+    acts = acts[keep].reshape(-1, ad.n_layers * ad.d_mlp)  # [n, L*d_mlp]
+    pre = None
+    if pre_activation:
+        pre = torch.stack([store[-1 - layer] for layer in range(ad.n_layers)], dim=2)
+        pre = pre[keep].reshape(-1, ad.n_layers * ad.d_mlp)
+    if not torch.isfinite(acts).all():
+        raise UnineuronsError(
+            f"model {m.name}: non-finite (NaN/inf) activations in this batch of contexts; "
+            "the weights are broken or the dtype overflows: try --dtype float32"
+        )
+    return acts, pre
+
+
+def activation_stream(
+    models: Sequence[LoadedModel],
+    contexts: np.ndarray,
+    special: dict,
+    *,
+    batch_size: int = 16,
+    start: int = 0,
+    mask: MaskConfig = MaskConfig(),
+    pre_activation: bool = False,
+    device: str | torch.device = "cpu",
+) -> Iterator[StreamBatch]:
+    """Yield :class:`StreamBatch` es over ``contexts[start:]`` in order.
+
+    ``contexts`` is ``[n_contexts, ctx]`` (e.g. ``TokenStore.contexts(n_tokens)``);
+    ``special`` holds ``bos_id``, ``eos_id``, ``pad_id``, ``newline_ids`` (the token store
+    manifest's ``tokenizer`` section).
+    """
+    if batch_size < 1:
+        raise UnineuronsError(f"--batch-size must be at least 1, got {batch_size}")
+    n_ctx = contexts.shape[0]
+    for b0 in range(start, n_ctx, batch_size):
+        chunk = np.asarray(contexts[b0:b0 + batch_size]).astype(np.int64)
+        tokens = torch.from_numpy(chunk)  # [B, T]
+        for m in models:
+            if int(tokens.max()) >= m.adapter.vocab_size:
+                raise UnineuronsError(
+                    f"model {m.name}: token id {int(tokens.max())} is outside its vocabulary of "
+                    f"{m.adapter.vocab_size}; the token store was made with another tokenizer"
+                )
+        keep = token_mask(tokens, special, mask)  # [B, T]
+        rows_grid = torch.arange(b0, b0 + tokens.shape[0]).unsqueeze(1).expand_as(tokens)
+        pos_grid = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        prev = torch.cat([tokens[:, :1], tokens[:, :-1]], dim=1)
+        dev_tokens = tokens.to(device)
+        dev_keep = keep.to(device)
+        acts, pres = [], []
+        for m in models:
+            a, p = _run_one(m, dev_tokens, dev_keep, pre_activation)
+            acts.append(a)
+            pres.append(p)
+        yield StreamBatch(
+            start=b0, tokens=tokens, mask=keep, rows=rows_grid[keep], positions=pos_grid[keep],
+            token_ids=tokens[keep], prev_token_ids=prev[keep], acts=acts,
+            pre_acts=pres if pre_activation else None,
+        )
