@@ -98,7 +98,9 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
                with_tokenizer: bool = True) -> LoadedModel:
     """Load a causal LM in eval mode, with its architecture adapter and weight hash."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bars are the ones that matter
     ms = parse_model_spec(spec)
     try:
         config = AutoConfig.from_pretrained(ms.location, revision=ms.revision)

@@ -1,0 +1,202 @@
+"""Co-moment accumulators: the sufficient statistics of Pearson correlations.
+
+``CoMoments`` holds, for two streams ``x [n, da]`` and ``y [n, db]``, the count, the means
+and the matrix of summed centred cross products ``C = Σ (x - x̄)(y - ȳ)ᵀ`` in float64. Each
+batch is centred on its *own* mean, its cross product is one matrix multiply in the compute
+dtype, and batches merge with Chan et al.'s update
+
+    C = C_a + C_b + (n_a n_b / n) (x̄_a - x̄_b)(ȳ_a - ȳ_b)ᵀ.
+
+The naive Σxy − ΣxΣy/n form cancels catastrophically when means are large relative to the
+spread (and overflows in fp16, as the anchor code did); this form does neither.
+
+``LayerCov`` holds the same statistics for one stream against itself, per layer only
+(``[L, d, d]``): the within-layer covariance that the random-rotation baseline and the
+participation ratio need, and the per-neuron variances on its diagonal.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import register
+
+__all__ = ["CoMoments", "LayerCov", "batch_matmul_dtype"]
+
+
+def batch_matmul_dtype(name: str) -> torch.dtype:
+    """The dtype one batch's cross product is computed in."""
+    return {"float32": torch.float32, "tf32": torch.float32, "bfloat16": torch.bfloat16,
+            "float64": torch.float64}[name]
+
+
+def _cross(xc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+    """``xcᵀ yc`` in the inputs' dtype, returned as float64 ``[da, db]``."""
+    if xc.dtype == torch.bfloat16:
+        if xc.is_cuda:
+            # bf16 inputs, fp32 accumulation and an fp32 output: no bf16 rounding of the sums
+            return torch.mm(xc.T, yc, out_dtype=torch.float32).to(torch.float64)
+        return torch.matmul(xc.T, yc).to(torch.float64)
+    return (xc.T @ yc).to(torch.float64)
+
+
+def _co_example(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for n in (5, 1, 17, 8, 3, 11):
+        z = torch.randn(n, 3, generator=g, dtype=torch.float64)
+        x = torch.cat([z, torch.randn(n, 1, generator=g, dtype=torch.float64)], 1) * 2 + 500
+        y = torch.cat([z[:, :2] * -1.5, torch.randn(n, 3, generator=g, dtype=torch.float64)], 1)
+        batches.append((x, y + 1e3))
+    return (lambda: CoMoments(4, 5, compute_dtype=torch.float64)), batches
+
+
+@register(_co_example)
+class CoMoments:
+    """Count, means and centred cross products of ``x [n, da]`` and ``y [n, db]``."""
+
+    def __init__(self, da: int, db: int, device: str | torch.device = "cpu",
+                 compute_dtype: torch.dtype = torch.float32):
+        self.compute_dtype = compute_dtype
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+        self.mean_x = torch.zeros(da, dtype=torch.float64, device=device)
+        self.mean_y = torch.zeros(db, dtype=torch.float64, device=device)
+        self.c = torch.zeros(da, db, dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> CoMoments:
+        """Fold in one batch of paired rows (``x [n, da]``, ``y [n, db]``)."""
+        nb = x.shape[0]
+        if nb == 0:
+            return self
+        mx, my = x.to(torch.float64).mean(0), y.to(torch.float64).mean(0)
+        xc = (x.to(torch.float64) - mx).to(self.compute_dtype)  # [n, da]
+        yc = (y.to(torch.float64) - my).to(self.compute_dtype)  # [n, db]
+        return self.update_centred(nb, mx, my, xc, yc)
+
+    def update_centred(self, nb: int, mx: torch.Tensor, my: torch.Tensor,
+                       xc: torch.Tensor, yc: torch.Tensor) -> CoMoments:
+        """Fast path: the batch already centred on its own means ``mx``, ``my`` (float64).
+
+        The engine centres each model's activations once per batch and reuses them for every
+        pair, so each pair costs exactly one GEMM.
+        """
+        if nb == 0:
+            return self
+        cb = _cross(xc, yc)  # [da, db]
+        self._merge_parts(torch.tensor(float(nb), dtype=torch.float64, device=self.c.device),
+                          mx, my, cb)
+        return self
+
+    def _merge_parts(self, nb: torch.Tensor, mx: torch.Tensor, my: torch.Tensor,
+                     cb: torch.Tensor) -> None:
+        na = self.n
+        n = na + nb
+        if float(na) == 0:
+            self.n, self.mean_x, self.mean_y = nb.clone(), mx.clone(), my.clone()
+            self.c += cb
+            return
+        dx = mx - self.mean_x  # [da]
+        dy = my - self.mean_y  # [db]
+        f = na * nb / n
+        # c += cb + f * dx dyᵀ, in place: the [da, db] matrix is the big object here
+        self.c.add_(cb).addr_(dx, dy, alpha=float(f))
+        self.mean_x += dx * (nb / n)
+        self.mean_y += dy * (nb / n)
+        self.n = n
+
+    def merge(self, other: CoMoments) -> CoMoments:
+        if float(other.n) == 0:
+            return self
+        self._merge_parts(other.n, other.mean_x, other.mean_y, other.c)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"n": self.n, "mean_x": self.mean_x, "mean_y": self.mean_y, "c": self.c}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> CoMoments:
+        dev = self.c.device
+        self.n = state["n"].to(dev, torch.float64).clone()
+        self.mean_x = state["mean_x"].to(dev, torch.float64).clone()
+        self.mean_y = state["mean_y"].to(dev, torch.float64).clone()
+        self.c = state["c"].to(dev, torch.float64).clone()
+        return self
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """``n``, ``mean_x``, ``mean_y`` and ``cov`` (population: C / n)."""
+        return {"n": self.n.clone(), "mean_x": self.mean_x.clone(), "mean_y": self.mean_y.clone(),
+                "cov": self.c / self.n}
+
+
+def _layer_example(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.randn(n, 2 * 3, generator=g, dtype=torch.float64) * 4 + 300,)
+               for n in (6, 2, 9, 1, 12, 5)]
+    return (lambda: LayerCov(2, 3, compute_dtype=torch.float64)), batches
+
+
+@register(_layer_example)
+class LayerCov:
+    """Per-layer covariance of ``x [n, L * d]`` (column ``layer * d + neuron``)."""
+
+    def __init__(self, n_layers: int, d: int, device: str | torch.device = "cpu",
+                 compute_dtype: torch.dtype = torch.float32):
+        self.n_layers, self.d = n_layers, d
+        self.compute_dtype = compute_dtype
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+        self.mean = torch.zeros(n_layers * d, dtype=torch.float64, device=device)
+        self.c = torch.zeros(n_layers, d, d, dtype=torch.float64, device=device)
+
+    def update(self, x: torch.Tensor) -> LayerCov:
+        nb = x.shape[0]
+        if nb == 0:
+            return self
+        m = x.to(torch.float64).mean(0)
+        xc = (x.to(torch.float64) - m).to(self.compute_dtype)
+        return self.update_centred(nb, m, xc)
+
+    def update_centred(self, nb: int, m: torch.Tensor, xc: torch.Tensor) -> LayerCov:
+        """``xc [n, L*d]`` centred on its batch mean ``m``; one batched GEMM for all layers."""
+        if nb == 0:
+            return self
+        xl = xc.reshape(nb, self.n_layers, self.d).transpose(0, 1)  # [L, n, d]
+        cb = torch.bmm(xl.transpose(1, 2), xl).to(torch.float64)  # [L, d, d]
+        self._merge_parts(torch.tensor(float(nb), dtype=torch.float64, device=self.c.device), m, cb)
+        return self
+
+    def _merge_parts(self, nb: torch.Tensor, m: torch.Tensor, cb: torch.Tensor) -> None:
+        na = self.n
+        n = na + nb
+        if float(na) == 0:
+            self.n, self.mean = nb.clone(), m.clone()
+            self.c += cb
+            return
+        dm = (m - self.mean).reshape(self.n_layers, self.d)  # [L, d]
+        f = float(na * nb / n)
+        self.c.add_(cb).baddbmm_(dm.unsqueeze(2), dm.unsqueeze(1), alpha=f)
+        self.mean += dm.reshape(-1) * (nb / n)
+        self.n = n
+
+    def merge(self, other: LayerCov) -> LayerCov:
+        if float(other.n) == 0:
+            return self
+        self._merge_parts(other.n, other.mean, other.c)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"n": self.n, "mean": self.mean, "c": self.c}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> LayerCov:
+        dev = self.c.device
+        self.n = state["n"].to(dev, torch.float64).clone()
+        self.mean = state["mean"].to(dev, torch.float64).clone()
+        self.c = state["c"].to(dev, torch.float64).clone()
+        self.n_layers, self.d = int(self.c.shape[0]), int(self.c.shape[1])
+        return self
+
+    def m2(self) -> torch.Tensor:
+        """Per-neuron summed squared deviations ``[L * d]`` (the diagonals)."""
+        return torch.diagonal(self.c, dim1=1, dim2=2).reshape(-1).clone()
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """``n``, ``mean [L*d]``, ``cov [L, d, d]`` (population)."""
+        return {"n": self.n.clone(), "mean": self.mean.clone(), "cov": self.c / self.n}

@@ -1,0 +1,108 @@
+"""``unineurons correlate``: cross-seed correlations and universal neurons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from pydantic import ValidationError
+from rich.table import Table
+
+from ..errors import UnineuronsError
+
+__all__ = ["register", "print_summary", "build_config"]
+
+
+def build_config(cls, **kwargs):
+    """Validate a config object, turning pydantic's report into one clear line."""
+    try:
+        return cls(**kwargs)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "config"
+        raise UnineuronsError(f"option {loc}: {err['msg']}") from None
+
+
+def print_summary(layers, console) -> None:
+    """Universal count and share per model and layer, with the readability columns."""
+    for model, sub in layers.groupby("model", sort=False):
+        t = Table(title=f"universal neurons of {model}", title_justify="left")
+        for col in ("layer", "neurons", "universal", "share", "max ρ", "baseline", "excess",
+                    "ceiling", "ρ>0.7 / base", "PR", "zero-var"):
+            t.add_column(col, justify="right")
+        for _, r in sub.iterrows():
+            t.add_row(
+                f"L{r.layer}", str(r.neurons), str(r.universal), f"{r.universal_share:.1%}",
+                f"{r.mean_max_corr:.3f}", f"{r.mean_baseline_corr:.3f}",
+                f"{r.mean_excess_corr:.3f}",
+                f"{r.mean_ceiling_corr:.3f}" if "mean_ceiling_corr" in r else "-",
+                f"{r['share_max_gt_0.7']:.1%} / {r['share_baseline_gt_0.7']:.1%}",
+                f"{r.participation_ratio:.1f}", str(r.zero_var),
+            )
+        tot, uni = int(sub.neurons.sum()), int(sub.universal.sum())
+        t.caption = f"total: {uni} of {tot} universal ({uni / max(tot, 1):.2%})"
+        console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("correlate")
+    def correlate(
+        model: list[str] = typer.Option(..., "--model", "-m", help=(
+            "Model spec: a folder or HUB_ID[@REVISION]. Repeat; the first is the reference."
+        )),
+        tokens: Path = typer.Option(..., help="Token store folder (from `unineurons tokens build`)."),
+        out: Path = typer.Option(..., help="Run directory to write."),
+        n_tokens: int = typer.Option(None, help="Use the first ceil(N / ctx) contexts (default: all)."),
+        pairs: str = typer.Option("reference", help=(
+            "reference: the first model against each other; all: every model gets its own universality."
+        )),
+        baseline: str = typer.Option("rotation", help="rotation (random orthogonal per layer) or none."),
+        threshold: float = typer.Option(0.5, help="Universal if excess correlation > threshold (Gurnee et al.: 0.5)."),
+        ceiling: bool = typer.Option(True, help=(
+            "Correlate each model with its own rotated activations (ceiling_corr, excess_norm)."
+        )),
+        top_k: int = typer.Option(5, help="Top matches kept per neuron and partner."),
+        batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+        device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
+        dtype: str = typer.Option("float32", help=(
+            "Dtype of each batch's cross product: float32, tf32, bfloat16 or float64 (accumulation is always "
+            "float64)."
+        )),
+        memory_budget: str = typer.Option("8GB", help=(
+            "Memory for accumulators and batch buffers; pairs that do not fit take more passes."
+        )),
+        seed: int = typer.Option(0, help="Seed of the random rotations."),
+        resume: bool = typer.Option(False, help="Continue an interrupted run in --out from its last checkpoint."),
+        save_full_matrix: bool = typer.Option(False, help="Also save each pair's full correlation matrix in float16."),
+        checkpoint_tokens: int = typer.Option(1_000_000, help="Save resumable state every this many tokens."),
+        keep_newline: bool = typer.Option(False, help=(
+            "Keep newline-token positions (dropped by default, as in the paper)."
+        )),
+    ) -> None:
+        """Correlate every neuron of the reference model with every neuron of the other seeds;
+        compare with the random-rotation baseline and mark universal neurons."""
+        from ..correlate.config import CorrelateConfig
+        from ..correlate.engine import run_correlate
+        from ..correlate.plan import fmt_bytes
+        from . import console
+
+        cfg = build_config(
+            CorrelateConfig, models=model, tokens=str(tokens), n_tokens=n_tokens, pairs=pairs,
+            baseline=baseline, threshold=threshold, ceiling=ceiling, top_k=top_k,
+            batch_size=batch_size, device=device, dtype=dtype, memory_budget=memory_budget,
+            seed=seed, save_full_matrix=save_full_matrix, checkpoint_tokens=checkpoint_tokens,
+            drop_newline=not keep_newline,
+        )
+        res = run_correlate(cfg, out, resume=resume)
+        if res.reused:
+            console.print(f"[green]already done[/]: {out} holds this correlate run")
+        else:
+            p = res.plan
+            console.print(f"plan: {len(p.passes)} pass(es), {sum(len(x) for x in p.passes)} blocks, "
+                          f"peak {fmt_bytes(p.peak_bytes)} of {fmt_bytes(p.budget)}")
+        print_summary(res.layers, console)
+        n_zero = int(res.neurons["zero_var"].sum()) if "zero_var" in res.neurons else 0
+        if n_zero:
+            console.print(f"[yellow]{n_zero} neurons have zero variance on these tokens: their "
+                          "correlations are NaN[/]")
+        console.print(f"results: {out}/neurons.parquet, matches.parquet, layers.parquet, pairs/")

@@ -1,0 +1,77 @@
+"""The correlate stage's configuration: validated, frozen, documented; also the CLI."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..errors import UnineuronsError
+from .plan import parse_bytes
+
+__all__ = ["CorrelateConfig"]
+
+
+class CorrelateConfig(BaseModel):
+    """Cross-seed neuron correlations, the rotation baseline and universal neurons."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models: list[str] = Field(description="Model specs (folder or HUB_ID[@REVISION]); the first is the reference.")
+    tokens: str = Field(description="Token store folder.")
+    n_tokens: int | None = Field(None, description="Use the first ceil(N / ctx) contexts; all when unset.")
+    pairs: Literal["reference", "all"] = Field("reference", description=(
+        "reference: model 0 against each other; all: every model gets its own universality."
+    ))
+    baseline: Literal["rotation", "none"] = Field("rotation", description=(
+        "Random-rotation baseline (Gurnee et al. eq. 2) or none."
+    ))
+    threshold: float = Field(0.5, description="Universal if excess correlation > threshold.")
+    ceiling: bool = Field(True, description=(
+        "Also correlate each model with its own rotated activations (ceiling_corr, excess_norm)."
+    ))
+    top_k: int = Field(5, ge=1, description="Top matches kept per neuron and partner.")
+    batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
+    device: str = Field("cpu", description="cpu or cuda[:i].")
+    dtype: Literal["float32", "tf32", "bfloat16", "float64"] = Field("float32", description=(
+        "Dtype of each batch's cross product; accumulation is float64 always."
+    ))
+    memory_budget: str = Field("8GB", description=(
+        "Bytes the accumulators and batch buffers may use; more pairs take more passes."
+    ))
+    seed: int = Field(0, description="Seed of the random rotations.")
+    save_full_matrix: bool = Field(False, description="Also save every pair's full correlation matrix (float16).")
+    checkpoint_tokens: int = Field(1_000_000, ge=1, description="Save resumable state every this many tokens.")
+    drop_bos: bool = True
+    drop_eos: bool = True
+    drop_pad: bool = True
+    drop_newline: bool = Field(True, description="Drop positions whose token is a newline (as in the paper).")
+
+    @field_validator("models")
+    @classmethod
+    def _two_models(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError("needs at least two --model (the first is the reference)")
+        if len(set(v)) != len(v):
+            raise ValueError("a model is given twice; each --model must be a different model")
+        return v
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v: str) -> str:
+        try:
+            parse_bytes(v)
+        except UnineuronsError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not (v == "cpu" or v.startswith("cuda")):
+            raise ValueError(f"device must be cpu or cuda[:i], not {v!r}")
+        return v
+
+    @property
+    def budget_bytes(self) -> int:
+        return parse_bytes(self.memory_budget)

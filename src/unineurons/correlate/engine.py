@@ -1,0 +1,263 @@
+"""The correlate stage: stream activations once per pass, accumulate co-moments, summarise.
+
+``run_correlate`` is the whole stage: load the models and the token store, plan passes that
+fit the memory budget, stream every model once per batch, fold each batch into the planned
+:class:`~unineurons.accumulators.CoMoments` blocks (one GEMM per block) and the per-model
+:class:`~unineurons.accumulators.LayerCov`, save resumable state every ``checkpoint_tokens``,
+and finally turn co-moments into max / argmax / top-k / baseline / ceiling per neuron.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype
+from ..errors import UnineuronsError
+from ..io import load_tensors, save_tensors
+from ..models.load import LoadedModel, check_compatible, load_model
+from ..progress import progress
+from ..rundir import RunDir
+from ..stream import MaskConfig, activation_stream
+from ..tokens import TokenStore
+from .config import CorrelateConfig
+from .maxcorr import block_results, inv_std, row_max
+from .plan import ModelShape, Plan, Unit, plan_units
+from .rotation import rotation_for
+from .summarize import finalize
+
+__all__ = ["run_correlate", "CorrelateResult"]
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class CorrelateResult:
+    run: RunDir
+    neurons: object  #: pandas DataFrame (neurons.parquet)
+    layers: object  #: pandas DataFrame (per model x layer summary)
+    plan: Plan
+    elapsed_s: float
+    reused: bool = False
+
+
+def _config_hash(cfg: CorrelateConfig, models: list[LoadedModel], store: TokenStore) -> str:
+    """What the numbers depend on: not the device, the checkpoint interval or the budget."""
+    d = cfg.model_dump(exclude={"device", "checkpoint_tokens", "memory_budget"})
+    d["weights"] = [m.weights_sha256 for m in models]
+    d["token_sha256"] = store.manifest.get("sha256")
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def _rotations(cfg: CorrelateConfig, m: LoadedModel) -> list[torch.Tensor]:
+    ad = m.adapter
+    return [rotation_for(cfg.seed, m.weights_sha256, layer, ad.d_mlp) for layer in range(ad.n_layers)]
+
+
+class _PassState:
+    """The accumulators of one pass, plus the persistent per-model layer covariances."""
+
+    def __init__(self, units: list[Unit], shapes: list[ModelShape], device: str,
+                 cdtype: torch.dtype, layercov: list[LayerCov] | None):
+        self.units = units
+        self.co = {u.key(): CoMoments((u.l1 - u.l0) * shapes[u.a].d_mlp, shapes[u.b].n,
+                                      device=device, compute_dtype=cdtype) for u in units}
+        self.fresh_layercov = layercov is None
+        self.layercov = layercov or [LayerCov(s.n_layers, s.d_mlp, device, cdtype) for s in shapes]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, lc in enumerate(self.layercov):
+            out.update({f"layercov.{i}.{k}": v for k, v in lc.state_dict().items()})
+        for key, co in self.co.items():
+            out.update({f"unit.{key}.{k}": v for k, v in co.state_dict().items()})
+        return out
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for i, lc in enumerate(self.layercov):
+            lc.load_state_dict({k: state[f"layercov.{i}.{k}"] for k in ("n", "mean", "c")})
+        for key, co in self.co.items():
+            co.load_state_dict({k: state[f"unit.{key}.{k}"] for k in ("n", "mean_x", "mean_y", "c")})
+
+
+def _save_checkpoint(run: RunDir, st: _PassState, meta: dict) -> None:
+    save_tensors(run.state_dir / CHECKPOINT, st.state_dict(),
+                 metadata={"progress": json.dumps(meta)})
+
+
+def _unit_results(u: Unit, co: CoMoments, layercov: list[LayerCov], rots: list[list[torch.Tensor]],
+                  shapes: list[ModelShape], cfg: CorrelateConfig) -> dict[str, torch.Tensor]:
+    """Summaries of one finished block, keyed by name."""
+    da = shapes[u.a].d_mlp
+    rows = slice(u.l0 * da, u.l1 * da)
+    n = co.n
+    m2_rows = layercov[u.a].m2()[rows]
+    cov_b = layercov[u.b].c
+    if u.kind == "ceiling":
+        # max correlation of each neuron with its own model's activations rotated per layer
+        from .maxcorr import rotated_block
+
+        cr, m2r = rotated_block(co.c, cov_b, rots[u.b])
+        base = cr * inv_std(m2_rows, n)[:, None] * inv_std(m2r, n)[None, :]
+        return {"ceiling": row_max(base, 1, dim=1)[0][:, 0]}
+    rotate = cfg.baseline == "rotation"
+    res = block_results(
+        co.c, n, m2_rows, layercov[u.b].m2(), k=cfg.top_k,
+        col_cov=cov_b if rotate else None, col_rot=rots[u.b] if rotate else None,
+        row_cov=layercov[u.a].c[u.l0:u.l1] if rotate else None,
+        row_rot=rots[u.a][u.l0:u.l1] if rotate else None,
+        rows_dir=u.rows_dir, cols_dir=u.cols_dir, want_rho=cfg.save_full_matrix,
+    )
+    if "col_topi" in res:  # row indices of this block -> flat indices of model a
+        res["col_topi"] = torch.where(res["col_topi"] >= 0, res["col_topi"] + rows.start,
+                                      res["col_topi"])
+    return res
+
+
+def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False,
+                  models: list[LoadedModel] | None = None) -> CorrelateResult:
+    """Run the correlate stage into the run directory ``out``; see the module docstring."""
+    t_start = time.time()
+    run = RunDir.create(out)
+    store = TokenStore.open(cfg.tokens)
+    contexts = store.contexts(cfg.n_tokens)
+    special = store.manifest["tokenizer"]
+    if models is None:
+        models = [load_model(spec, device=cfg.device) for spec in cfg.models]
+    check_compatible(models, store_tokenizer_fp=special.get("vocab_sha256"),
+                     store_vocab_size=special.get("vocab_size"))
+    chash = _config_hash(cfg, models, store)
+
+    done = run.manifest().get("correlate")
+    ckpt_path = run.state_dir / CHECKPOINT
+    if done and done.get("config_hash") == chash and run.has_table("neurons"):
+        return CorrelateResult(run, run.read_table("neurons"), run.read_table("layers"),
+                               plan=None, elapsed_s=0.0, reused=True)  # type: ignore[arg-type]
+    if done and not resume:
+        raise UnineuronsError(
+            f"run directory {run.path} already holds correlate results of another configuration; "
+            "choose a new --out"
+        )
+    if ckpt_path.is_file() and not resume:
+        raise UnineuronsError(
+            f"run directory {run.path} holds an unfinished correlate run; add --resume to continue "
+            "it, or choose a new --out"
+        )
+
+    shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp) for m in models]
+    batch_tokens = cfg.batch_size * store.ctx
+    plan = plan_units(shapes, cfg.pairs, cfg.budget_bytes, batch_tokens, ceiling=cfg.ceiling)
+    cdtype = batch_matmul_dtype(cfg.dtype)
+    if cfg.dtype == "tf32" and cfg.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    rots = [_rotations(cfg, m) for m in models]
+    mask = MaskConfig(cfg.drop_bos, cfg.drop_eos, cfg.drop_pad, cfg.drop_newline)
+
+    start_pass, cursor, kept = 0, 0, 0
+    saved: dict[str, torch.Tensor] | None = None
+    if resume and ckpt_path.is_file():
+        saved, meta = load_tensors(ckpt_path, "correlate checkpoint")
+        prog = json.loads(meta.get("progress", "{}"))
+        if prog.get("config_hash") != chash:
+            raise UnineuronsError(
+                f"run directory {run.path} holds a checkpoint of a different configuration (models, "
+                "tokens or options changed); resume with the same command, or choose a new --out"
+            )
+        start_pass, cursor, kept = prog["pass"], prog["cursor"], prog["kept_tokens"]
+
+    layercov: list[LayerCov] | None = None
+    if start_pass > 0:
+        lc_state, _ = load_tensors(run.state_dir / "layercov.safetensors", "layer covariances")
+        layercov = [LayerCov(s.n_layers, s.d_mlp, cfg.device, cdtype).load_state_dict(
+            {k: lc_state[f"{i}.{k}"] for k in ("n", "mean", "c")}) for i, s in enumerate(shapes)]
+
+    n_ctx = contexts.shape[0]
+    for p in range(start_pass, len(plan.passes)):
+        units = plan.passes[p]
+        st = _PassState(units, shapes, cfg.device, cdtype, layercov)
+        if saved and p == start_pass:
+            st.load(saved)
+        else:
+            cursor, kept = 0, 0 if p == 0 else kept
+        need = sorted({u.a for u in units} | {u.b for u in units} |
+                      (set(range(len(models))) if st.fresh_layercov else set()))
+        since = 0
+        desc = f"correlate pass {p + 1}/{len(plan.passes)}"
+        with progress(desc, total=n_ctx * store.ctx) as bar:
+            bar.advance(cursor * store.ctx)
+            stream = activation_stream([models[i] for i in need], contexts, special,
+                                       batch_size=cfg.batch_size, start=cursor, mask=mask,
+                                       device=cfg.device)
+            for batch in stream:
+                _fold(batch, need, st, shapes, cdtype)
+                cursor = batch.start + batch.n_contexts
+                if p == 0:
+                    kept += batch.n
+                since += batch.n_contexts * store.ctx
+                bar.advance(batch.n_contexts * store.ctx)
+                if since >= cfg.checkpoint_tokens and cursor < n_ctx:
+                    _save_checkpoint(run, st, {"config_hash": chash, "pass": p, "cursor": cursor,
+                                               "kept_tokens": kept})
+                    since = 0
+        if kept == 0:
+            raise UnineuronsError(
+                f"no token positions left after masking in {n_ctx} contexts of {cfg.tokens}; "
+                "use more tokens or keep newline positions (--keep-newline)"
+            )
+        layercov = st.layercov
+        if p == 0:
+            save_tensors(run.state_dir / "layercov.safetensors",
+                         {f"{i}.{k}": v for i, lc in enumerate(layercov)
+                          for k, v in lc.state_dict().items()})
+        results = {}
+        for u in units:
+            for k, v in _unit_results(u, st.co[u.key()], layercov, rots, shapes, cfg).items():
+                results[f"{u.key()}.{k}"] = v
+        save_tensors(run.state_dir / f"results.{p}.safetensors", results)
+        # the pass is done: the next checkpoint starts the next pass from token 0
+        save_tensors(ckpt_path, {}, metadata={"progress": json.dumps(
+            {"config_hash": chash, "pass": p + 1, "cursor": 0, "kept_tokens": kept})})
+        saved = None
+        del st
+
+    all_results: dict[str, torch.Tensor] = {}
+    for p in range(len(plan.passes)):
+        r, _ = load_tensors(run.state_dir / f"results.{p}.safetensors", "pass results")
+        all_results.update(r)
+    elapsed = time.time() - t_start
+    neurons, layers = finalize(run, cfg, models, store, plan, shapes, all_results, layercov,
+                               kept_tokens=kept, n_contexts=n_ctx, config_hash=chash,
+                               elapsed_s=elapsed)
+    # results are in the run directory now; the resumable state is no longer needed
+    for f in run.state_dir.glob("*.safetensors"):
+        f.unlink()
+    return CorrelateResult(run, neurons, layers, plan, elapsed)
+
+
+@torch.inference_mode()
+def _fold(batch, need: list[int], st: _PassState, shapes: list[ModelShape], cdtype: torch.dtype
+          ) -> None:
+    """Centre each model's batch once, then one GEMM per planned block."""
+    nb = batch.n
+    if nb == 0:
+        return
+    work = torch.float64 if cdtype == torch.float64 else torch.float32
+    means, cent = {}, {}
+    for j, i in enumerate(need):
+        acts = batch.acts[j]  # [n, L*d]
+        m = acts.to(torch.float64).mean(0)  # [L*d]
+        means[i] = m
+        cent[i] = (acts.to(work) - m.to(work)).to(cdtype)  # [n, L*d]
+    if st.fresh_layercov:
+        for i, lc in enumerate(st.layercov):
+            lc.update_centred(nb, means[i], cent[i])
+    for u in st.units:
+        da = shapes[u.a].d_mlp
+        rows = slice(u.l0 * da, u.l1 * da)
+        st.co[u.key()].update_centred(nb, means[u.a][rows], means[u.b], cent[u.a][:, rows],
+                                      cent[u.b])

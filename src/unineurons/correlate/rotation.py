@@ -1,0 +1,39 @@
+"""Seeded random orthogonal matrices for the random-rotation baseline (Gurnee et al. eq. 2).
+
+The baseline asks how well a neuron of model a correlates with *some* direction of model b's
+layer that is not a neuron: b's activations rotated per layer by a random orthogonal R. With
+``Cov(X, YR) = Cov(X, Y) R`` and ``Var((YR)_j) = r_jᵀ Σ_YY r_j`` this needs only the cross
+co-moments and b's within-layer covariance, never a second pass over the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+__all__ = ["random_orthogonal", "rotation_for"]
+
+
+def random_orthogonal(d: int, generator: torch.Generator) -> torch.Tensor:
+    """A Haar-random orthogonal ``[d, d]`` float64 matrix: QR of a Gaussian, sign-corrected.
+
+    Without the sign correction (multiplying column j by sign(R_jj)) QR's output is not
+    uniformly distributed over the orthogonal group.
+    """
+    g = torch.randn(d, d, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(g)
+    s = torch.sign(torch.diagonal(r))
+    s[s == 0] = 1.0
+    return q * s  # scales column j by s_j
+
+
+def rotation_for(seed: int, model_key: str, layer: int, d: int) -> torch.Tensor:
+    """The rotation of ``layer`` of the model identified by ``model_key`` (its weight hash).
+
+    Keyed by the model itself, not its position on the command line, so a model keeps its
+    rotation whichever pair it is in and whatever order models are given.
+    """
+    h = hashlib.sha256(f"{seed}|{model_key}|{layer}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+    return random_orthogonal(d, gen)
