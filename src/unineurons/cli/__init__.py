@@ -15,8 +15,9 @@ from ..errors import UnineuronsError
 
 __all__ = ["app", "main", "console"]
 
-console = Console(stderr=False)
-err_console = Console(stderr=True)
+# Tables stay readable when output goes to a file or CI log (rich would assume 80 columns).
+console = Console(width=None if sys.stdout.isatty() else 150)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 150)
 
 app = typer.Typer(
     name="unineurons",

@@ -171,6 +171,9 @@ def finalize(run: RunDir, cfg: CorrelateConfig, models: list[LoadedModel], store
                 row[f"share_max_gt_{t}"] = float((sub.best_partner_corr > t).mean())
                 row[f"share_baseline_gt_{t}"] = float((sub.best_baseline_corr > t).mean())
             layer_rows.append(row)
+    if run.has_table("neurons"):
+        # a new correlate run invalidates every column computed from the old one
+        run.table_path("neurons").unlink()
     neurons = run.update_neurons(pd.concat(neuron_rows, ignore_index=True))
     run.write_table("matches", pd.concat(match_rows, ignore_index=True))
     layers = pd.DataFrame(layer_rows)

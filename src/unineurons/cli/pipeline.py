@@ -1,0 +1,61 @@
+"""``unineurons run CONFIG.toml`` and ``unineurons demo``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+__all__ = ["register"]
+
+
+def _show(what: str, obj: Any) -> None:
+    from . import console
+    from .correlate import print_summary
+
+    if what == "zoo":
+        t = Table(title="seed zoo", title_justify="left")
+        for col in ("seed", "checkpoints", "final train loss", "final held-out loss"):
+            t.add_column(col, justify="right")
+        for seed, s in obj.get("per_seed", {}).items():
+            fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+            t.add_row(str(seed), ",".join(str(x) for x in s.get("checkpoints", [])),
+                      fmt(s.get("train_loss")), fmt(s.get("heldout_loss")))
+        console.print(t)
+    elif what == "correlate":
+        print_summary(obj.layers, console)
+
+
+def _run(cfg, started: float) -> None:
+    from ..pipeline import run_pipeline
+    from . import console
+
+    where = run_pipeline(cfg, say=console.print, show=_show)
+    console.print(f"\n[bold green]done[/] in {time.time() - started:.0f} s. Everything is in "
+                  f"[bold]{cfg.out}[/]:")
+    for what, path in where.items():
+        console.print(f"  {what:10s} {path}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("run")
+    def run(config: Path = typer.Argument(..., help="Pipeline config (TOML); see configs/demo.toml.")) -> None:
+        """Run the pipeline a TOML config describes; finished stages are reused."""
+        from ..pipeline import load_config
+
+        _run(load_config(config), time.time())
+
+    @app.command("demo")
+    def demo(
+        out: Path = typer.Option(None, help="Output folder (default: ./unineurons_demo)."),
+        config: str = typer.Option("demo", help="Built-in config: demo (about 15 min on 2 cores) or micro (seconds)."),
+    ) -> None:
+        """The whole pipeline offline on the standard library: tokenizer, token stores, a 5-seed
+        zoo of tiny GPT-2s, universal neurons, their properties and ablations."""
+        from ..pipeline import builtin_config, load_config
+
+        over = {"out": str(out)} if out else {}
+        _run(load_config(text=builtin_config(config), overrides=over), time.time())

@@ -1,0 +1,232 @@
+"""Pipelines: a plain-data TOML config runs the stages in data-flow order.
+
+``unineurons run CONFIG.toml`` validates the whole config first (unknown keys and bad values
+are refused with the key named), then runs each configured stage into ``out``::
+
+    out/tokenizer/        BPE tokenizer           (stage "tokenizer")
+    out/tokens/train/     training token store    (stage "tokens")
+    out/tokens/heldout/   held-out token store
+    out/zoo/              the seed zoo            (stage "zoo")
+    out/run/              the run directory       (stages "correlate", "analyze", "ablate")
+
+Work already done is reused: ``out/pipeline.json`` records, per finished stage, a hash of its
+config and of everything upstream; a stage whose hash matches is skipped.
+``unineurons demo`` is ``run`` on the built-in ``configs/demo.toml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import tomllib
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import UnineuronsError
+from .io import prepare_out_dir, read_json, write_json
+
+__all__ = ["PipelineConfig", "load_config", "run_pipeline", "builtin_config"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TokenizerStage(_Section):
+    source: str = Field("stdlib", description="Corpus the BPE tokenizer is trained on.")
+    vocab_size: int = Field(4096, ge=260, description="Vocabulary size, special tokens included.")
+    max_chars: int = Field(20_000_000, ge=1, description="Train on at most this many characters.")
+
+
+class TokensStage(_Section):
+    source: str = Field("stdlib", description="Corpus the token stores are cut from.")
+    ctx: int = Field(128, ge=2, description="Context length: BOS + ctx-1 tokens.")
+    train_tokens: int = Field(4_000_000, ge=1, description="Tokens in the training store.")
+    heldout_tokens: int = Field(262_144, ge=1, description="Tokens in the held-out store.")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of documents held out.")
+    seed: int = Field(0, description="Document-order seed.")
+
+
+class ZooStage(_Section):
+    preset: Literal["micro", "tiny", "small"] = "tiny"
+    seeds: list[int] = Field([0, 1, 2, 3, 4], min_length=2, description="One model per seed.")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps (default: the preset's).")
+    checkpoints: list[int] | None = Field(None, description="Steps to save (the last always).")
+    workers: int | None = Field(None, ge=1, description="Training processes (default: cores).")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate override.")
+    batch_size: int | None = Field(None, ge=1, description="Contexts per step override.")
+
+
+class CorrelateStage(_Section):
+    reference_seed: int = Field(0, description="The zoo seed whose neurons are tested.")
+    step: int | None = Field(None, description="Zoo checkpoint step (default: the last).")
+    n_tokens: int | None = Field(None, ge=1, description="Held-out tokens used (default: all).")
+    pairs: Literal["reference", "all"] = "reference"
+    threshold: float = 0.5
+    batch_size: int = Field(16, ge=1)
+    memory_budget: str = "8GB"
+    dtype: Literal["float32", "tf32", "bfloat16", "float64"] = "float32"
+
+
+class PipelineConfig(_Section):
+    """A whole pipeline. Sections left out are stages not run."""
+
+    out: str = Field("unineurons_demo", description="Folder that receives every stage's output.")
+    tokenizer: TokenizerStage | None = None
+    tokens: TokensStage | None = None
+    zoo: ZooStage | None = None
+    correlate: CorrelateStage | None = None
+    analyze: dict[str, Any] | None = Field(None, description="Options of `unineurons analyze`.")
+    ablate: dict[str, Any] | None = Field(None, description="Options of `unineurons ablate`.")
+
+
+def _validation_error(e: ValidationError, where: str) -> UnineuronsError:
+    err = e.errors()[0]
+    key = ".".join(str(x) for x in err["loc"])
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    return UnineuronsError(f"{where}: key {key!r}: {msg}")
+
+
+def load_config(path: str | Path | None = None, text: str | None = None,
+                overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Parse and validate a TOML pipeline config (a file, or its text)."""
+    where = str(path) if path else "config"
+    if text is None:
+        p = Path(path)  # type: ignore[arg-type]
+        if not p.is_file():
+            raise UnineuronsError(f"config file {p} does not exist")
+        text = p.read_text()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UnineuronsError(f"{where} is not valid TOML: {e}") from None
+    data.update(overrides or {})
+    try:
+        return PipelineConfig(**data)
+    except ValidationError as e:
+        raise _validation_error(e, where) from None
+
+
+def builtin_config(name: str) -> str:
+    """Text of a config shipped with the package (``demo``, ``micro``)."""
+    f = resources.files("unineurons") / "configs" / f"{name}.toml"
+    if not f.is_file():
+        raise UnineuronsError(f"no built-in config {name!r}; choose demo or micro")
+    return f.read_text()
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Runner:
+    """Runs stages in order, skipping those whose config and inputs are unchanged."""
+
+    def __init__(self, cfg: PipelineConfig, say: Callable[[str], None]):
+        self.cfg = cfg
+        self.out = prepare_out_dir(cfg.out, "pipeline")
+        self.say = say
+        self.state_path = self.out / "pipeline.json"
+        self.state = read_json(self.state_path, "pipeline state") if self.state_path.is_file() else {}
+        self.chain = ""  # hash of everything upstream
+        self.where: dict[str, str] = {}
+
+    def stage(self, name: str, section: Any, outputs: list[Path], fn: Callable[[], Any]) -> None:
+        h = _hash([self.chain, name, section.model_dump() if hasattr(section, "model_dump") else section])
+        self.chain = h
+        done = self.state.get(name, {})
+        if done.get("hash") == h and all(p.exists() for p in outputs):
+            self.say(f"[dim]stage {name}: done earlier, reused[/]")
+            return
+        self.say(f"[bold]stage {name}[/]")
+        t0 = time.time()
+        fn()
+        self.state[name] = {"hash": h, "elapsed_s": round(time.time() - t0, 2),
+                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(self.state_path, self.state)
+        self.say(f"stage {name}: {time.time() - t0:.1f} s")
+
+
+def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print,
+                 show: Callable[[str, Any], None] | None = None) -> dict[str, str]:
+    """Run every configured stage; return {what: path} of the outputs."""
+    r = _Runner(cfg, say)
+    out = r.out
+    tok_dir, train_dir, held_dir = out / "tokenizer", out / "tokens" / "train", out / "tokens" / "heldout"
+    zoo_dir, run_dir = out / "zoo", out / "run"
+    show = show or (lambda what, obj: None)
+
+    if cfg.tokenizer:
+        from .tokenizer import train_tokenizer
+
+        t = cfg.tokenizer
+        r.stage("tokenizer", t, [tok_dir / "tokenizer.json"],
+                lambda: train_tokenizer(t.source, t.vocab_size, tok_dir, max_chars=t.max_chars,
+                                        heldout_fraction=cfg.tokens.heldout_fraction if cfg.tokens else 0.1))
+        r.where["tokenizer"] = str(tok_dir)
+    if cfg.tokens:
+        from .tokens import build_token_store
+
+        t = cfg.tokens
+        tokenizer = str(tok_dir) if cfg.tokenizer else None
+        if tokenizer is None:
+            raise UnineuronsError("config: the tokens stage needs a [tokenizer] section")
+
+        def build() -> None:
+            build_token_store(t.source, tokenizer, t.ctx, t.train_tokens, train_dir, split="train",
+                              seed=t.seed, heldout_fraction=t.heldout_fraction)
+            build_token_store(t.source, tokenizer, t.ctx, t.heldout_tokens, held_dir, split="heldout",
+                              seed=t.seed, heldout_fraction=t.heldout_fraction)
+
+        r.stage("tokens", t, [train_dir / "tokens.npy", held_dir / "tokens.npy"], build)
+        r.where["tokens"] = f"{train_dir} (train), {held_dir} (heldout)"
+    if cfg.zoo:
+        from .zoo import train_zoo, zoo_info
+
+        z = cfg.zoo
+        over = {k: v for k, v in (("lr", z.lr), ("batch_size", z.batch_size)) if v is not None}
+        r.stage("zoo", z, [zoo_dir / "zoo.json"],
+                lambda: train_zoo(train_dir, zoo_dir, preset=z.preset, seeds=tuple(z.seeds),
+                                  steps=z.steps, checkpoints=z.checkpoints, heldout=held_dir,
+                                  workers=z.workers, **over))
+        show("zoo", zoo_info(zoo_dir))
+        r.where["zoo"] = str(zoo_dir)
+    if cfg.correlate:
+        c = cfg.correlate
+        r.stage("correlate", c, [run_dir / "neurons.parquet"], lambda: show("correlate", _correlate(cfg, zoo_dir, held_dir, run_dir)))
+        r.where["run"] = str(run_dir)
+    return r.where
+
+
+def zoo_models(zoo_dir: Path, seeds: list[int], step: int | None) -> list[str]:
+    """Checkpoint folders of ``seeds`` at ``step`` (the last common step when None)."""
+    from .zoo import zoo_checkpoints
+
+    ck = zoo_checkpoints(zoo_dir)
+    missing = [s for s in seeds if s not in ck]
+    if missing:
+        raise UnineuronsError(f"zoo {zoo_dir} has no seed(s) {missing}; train them first")
+    if step is None:
+        step = max(set.intersection(*(set(ck[s]) for s in seeds)))
+    for s in seeds:
+        if step not in ck[s]:
+            raise UnineuronsError(f"zoo {zoo_dir}: seed {s} has no checkpoint at step {step}")
+    return [str(ck[s][step]) for s in seeds]
+
+
+def _correlate(cfg: PipelineConfig, zoo_dir: Path, held_dir: Path, run_dir: Path):
+    from .correlate.config import CorrelateConfig
+    from .correlate.engine import run_correlate
+
+    c = cfg.correlate
+    assert c is not None and cfg.zoo is not None
+    seeds = [c.reference_seed] + [s for s in cfg.zoo.seeds if s != c.reference_seed]
+    cc = CorrelateConfig(models=zoo_models(zoo_dir, seeds, c.step), tokens=str(held_dir),
+                         n_tokens=c.n_tokens, pairs=c.pairs, threshold=c.threshold,
+                         batch_size=c.batch_size, memory_budget=c.memory_budget, dtype=c.dtype)
+    return run_correlate(cc, run_dir, resume=True)
