@@ -28,6 +28,7 @@ import hashlib
 import heapq
 import io
 import json
+import os
 import re
 import sysconfig
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Literal
 
 from .errors import UnineuronsError
+from .progress import progress
 
 __all__ = ["Document", "open_source", "split_of", "order_key", "ShuffledDocuments", "SCHEMES",
            "TEXT_SUFFIXES"]
@@ -96,15 +98,19 @@ def _existing(path: str, src: str) -> Path:
     return p
 
 
-def _walk(root: Path, keep) -> list[Path]:
-    """Files under ``root`` (recursive, sorted by relative path) for which ``keep(path)``."""
+def _walk(root: Path, keep, skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
+    """Files under ``root`` (recursive, sorted by relative path) for which ``keep(path)``.
+
+    Hidden entries are tool state (.git, .venv, caches), not corpus text, and are skipped,
+    as are folders named in ``skip_dirs``; both are pruned rather than walked.
+    """
     files = []
-    for p in root.rglob("*"):
-        rel = p.relative_to(root).parts
-        # Hidden entries are tool state (.git, .venv, caches), not corpus text.
-        if any(part.startswith(".") for part in rel) or not p.is_file() or not keep(p):
-            continue
-        files.append(p)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in skip_dirs]
+        for name in filenames:
+            p = Path(dirpath, name)
+            if not name.startswith(".") and p.is_file() and keep(p):
+                files.append(p)
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -134,8 +140,8 @@ def _read_files(root: Path, files: list[Path], prefix: str) -> Iterator[Document
 def _stdlib() -> Iterator[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
     # Third-party packages are not the standard library (and differ from machine to machine).
-    files = _walk(root, lambda p: p.suffix == ".py"
-                  and not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts))
+    files = _walk(root, lambda p: p.suffix == ".py",
+                  skip_dirs=frozenset({"site-packages", "dist-packages", "__pycache__"}))
     return _read_files(root, files, prefix="stdlib/")
 
 
@@ -155,7 +161,7 @@ def _open_text(path: Path) -> io.TextIOBase:
     if name.endswith(".zst"):
         import zstandard
 
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
         return io.TextIOWrapper(raw, encoding="utf-8")
     if name.endswith(".gz"):
         import gzip
@@ -200,11 +206,15 @@ def _hf(spec: str, src: str) -> Iterator[Document]:
     except ImportError:  # pragma: no cover - datasets is a dependency
         raise UnineuronsError("corpus hf:...: the `datasets` package is not installed") from None
     local = Path(name).expanduser()
+    if not local.exists() and name.startswith((".", "/", "~")):
+        # Looks like a path, not a hub id: say so rather than ask the hub for it.
+        raise UnineuronsError(
+            f"corpus {src}: dataset folder {name} does not exist; save one with "
+            "Dataset.save_to_disk or give a hub id"
+        )
     try:
-        if local.is_dir():
-            ds = datasets.load_from_disk(str(local))
-        else:
-            ds = datasets.load_dataset(name, split=split)
+        ds = (datasets.load_from_disk(str(local)) if local.is_dir()
+              else datasets.load_dataset(name, split=split))
     except Exception as e:  # datasets raises many types: offline, missing, bad folder
         first = str(e).splitlines()[0] if str(e) else ""
         where = "folder is not a saved dataset" if local.is_dir() else (
@@ -253,7 +263,7 @@ def split_of(text: str, heldout_fraction: float) -> Literal["train", "heldout"]:
 
 
 def order_key(text: str, seed: int) -> bytes:
-    """Sort key of a seeded shuffle: documents sorted by it are in a seed-determined random order."""
+    """Sort key of the seeded shuffle: sorted by it, documents are in a random order per seed."""
     return hashlib.sha256(b"order\0%d\0" % seed + _digest(text)).digest()
 
 
@@ -266,8 +276,8 @@ class ShuffledDocuments:
     consumer that reads past them triggers another pass that picks up where the last one
     stopped, with twice the budget. Stop iterating when you have enough.
 
-    After a pass, ``n_documents`` is the number of documents in the source and
-    ``n_in_split`` the number in the split.
+    The first pass runs on construction (so a bad source fails there, and ``n_documents``,
+    the documents in the source, and ``n_in_split``, those in the split, are known at once).
     """
 
     def __init__(self, src: str, split: Literal["train", "heldout", "all"],
@@ -279,25 +289,28 @@ class ShuffledDocuments:
         self.src, self.split, self.seed = src, split, seed
         self.heldout_fraction = heldout_fraction
         self.chars_hint = max(int(chars_hint), 1)
-        self._first = open_source(src)  # opened now so that a bad source fails here
         self.n_documents = self.n_in_split = 0
+        with progress(f"reading {src}", total=None, unit="docs") as bar:
+            self._first = self._pass(None, self.chars_hint, bar)
 
     def __iter__(self) -> Iterator[Document]:
-        after, budget, docs = None, self.chars_hint, self._first
+        (kept, complete), budget = self._first, self.chars_hint
         while True:
-            kept, complete = self._pass(docs, after, budget)
             for _, _, doc in kept:
                 yield doc
             if complete or not kept:
                 return
-            after, budget, docs = kept[-1][:2], budget * 2, open_source(self.src)
+            budget *= 2
+            kept, complete = self._pass(kept[-1][:2], budget)
 
-    def _pass(self, docs: Iterator[Document], after: tuple | None, budget: int):
+    def _pass(self, after: tuple | None, budget: int, bar=None):
         """The smallest-keyed documents after ``after`` that reach ``budget`` characters."""
         heap: list[tuple[int, int, Document]] = []  # (-key, -index, doc): top = largest key
         total, complete, n_docs, n_split = 0, True, 0, 0
-        for index, doc in enumerate(docs):
+        for index, doc in enumerate(open_source(self.src)):
             n_docs += 1
+            if bar is not None:
+                bar.advance(1)
             if self.split != "all" and split_of(doc.text, self.heldout_fraction) != self.split:
                 continue
             n_split += 1

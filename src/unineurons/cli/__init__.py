@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         err_console.print("[bold red]aborted[/]")
         sys.exit(130)
-    except Exception as e:  # click's usage errors arrive here in non-standalone mode
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:
+        # usage errors (missing option, bad value) arrive here in non-standalone mode; typer
+        # ships its own click, so match the click exception shape rather than its class
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
         raise

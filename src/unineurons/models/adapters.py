@@ -36,9 +36,7 @@ class ArchSpec:
     in_proj: str  #: the MLP's input projection (GPT-2 c_fc; Llama up_proj)
     out_proj: str  #: the MLP's output projection: its input is the neuron activation
     act: str  #: the nonlinearity module or function attribute inside the MLP
-    embed: str  #: token embedding
     final_norm: str  #: the LayerNorm / RMSNorm before the unembedding
-    unembed: str  #: the unembedding (lm head)
     attn: str  #: the attention module inside a block
     gate_proj: str | None = None  #: gated MLPs (Llama): act(gate(x)) * up(x)
     conv1d: bool = False  #: GPT-2 Conv1D stores weights as [in, out]
@@ -47,18 +45,15 @@ class ArchSpec:
 ARCHITECTURES: dict[str, ArchSpec] = {
     "gpt2": ArchSpec(
         blocks="transformer.h", mlp="mlp", in_proj="c_fc", out_proj="c_proj", act="act",
-        embed="transformer.wte", final_norm="transformer.ln_f", unembed="lm_head",
-        attn="attn", conv1d=True,
+        final_norm="transformer.ln_f", attn="attn", conv1d=True,
     ),
     "gpt_neox": ArchSpec(
         blocks="gpt_neox.layers", mlp="mlp", in_proj="dense_h_to_4h", out_proj="dense_4h_to_h",
-        act="act", embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out", attn="attention",
+        act="act", final_norm="gpt_neox.final_layer_norm", attn="attention",
     ),
     "llama": ArchSpec(
         blocks="model.layers", mlp="mlp", in_proj="up_proj", out_proj="down_proj",
-        act="act_fn", embed="model.embed_tokens", final_norm="model.norm", unembed="lm_head",
-        attn="self_attn", gate_proj="gate_proj",
+        act="act_fn", final_norm="model.norm", attn="self_attn", gate_proj="gate_proj",
     ),
 }
 
@@ -175,12 +170,13 @@ class Adapter:
     @torch.no_grad()
     def W_E(self) -> torch.Tensor:
         """[vocab, d_model]."""
-        return _get(self.model, self.spec.embed).weight
+        return self.model.get_input_embeddings().weight
 
     @torch.no_grad()
     def W_U_raw(self) -> torch.Tensor:
         """[d_model, vocab], without the final norm folded in."""
-        return _get(self.model, self.spec.unembed).weight.T
+        # HF's accessor, not a path: GPT-NeoX's head moved from embed_out to lm_head in v5
+        return self.model.get_output_embeddings().weight.T
 
     @torch.no_grad()
     def W_U(self) -> torch.Tensor:
