@@ -11,9 +11,11 @@ import pytest
 
 import unineurons.accumulators  # noqa: F401  (registers the package's accumulators)
 import unineurons.accumulators.comoments  # noqa: F401
+import unineurons.analyses.interventions  # noqa: F401
 from unineurons.accumulators.base import REGISTRY, check_accumulator
 
-EXPECTED = {"Moments", "CoMoments", "LayerCov", "TopK", "ConditionalMoments", "PositionStats"}
+EXPECTED = {"Moments", "CoMoments", "LayerCov", "TopK", "ConditionalMoments", "PositionStats",
+            "LMMetrics"}
 
 
 def test_every_accumulator_is_registered():

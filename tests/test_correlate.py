@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from unineurons.accumulators.comoments import CoMoments
 from unineurons.correlate.config import CorrelateConfig
-from unineurons.correlate.engine import run_correlate
-from unineurons.correlate.plan import ModelShape, parse_bytes, plan_units
+from unineurons.correlate.engine import plan_for, run_correlate
+from unineurons.correlate.plan import ModelShape, parse_bytes
 from unineurons.correlate.rotation import rotation_for
 from unineurons.errors import UnineuronsError
 from unineurons.io import load_tensors
@@ -172,8 +172,8 @@ def test_passes_and_all_pairs_agree_with_one_pass(seed_models, tiny_store, tmp_p
     one = run_correlate(_cfg(paths, tiny_store, pairs="all"), tmp_path / "one").neurons
     # 2 layers x 64 x 128 x 8 bytes = 64 KB per pair: a budget that forces several passes
     shapes = [ModelShape(2, 64)] * 3
-    small = parse_bytes("200KB") + plan_units(shapes, "all", 10**12, 4 * 64).persistent_bytes \
-        + plan_units(shapes, "all", 10**12, 4 * 64).stream_bytes
+    free = plan_for(_cfg(paths, tiny_store, pairs="all", memory_budget="1TB"), shapes, 64)
+    small = parse_bytes("200KB") + free.persistent_bytes + free.stream_bytes
     many = run_correlate(_cfg(paths, tiny_store, pairs="all", memory_budget=str(small)),
                          tmp_path / "many")
     assert len(many.plan.passes) > 1
@@ -227,12 +227,14 @@ def test_bad_inputs(seed_models, tiny_store, tmp_path, tiny_tokenizer):
 
 def test_resume_after_kill_matches_uninterrupted(seed_models, tiny_store, tmp_path):
     paths = [str(p) for p in seed_models[:2]]
-    full = run_correlate(_cfg(paths, tiny_store, n_tokens=4096, batch_size=1),
+    full = run_correlate(_cfg(paths, tiny_store, n_tokens=2048, batch_size=1,
+                              accumulate_tokens=64),
                          tmp_path / "full").neurons
     run = tmp_path / "killed"
     args = [sys.executable, "-c", "from unineurons.cli import main; main()", "correlate",
             "--model", paths[0], "--model", paths[1], "--tokens", str(tiny_store),
-            "--n-tokens", "4096", "--batch-size", "1", "--checkpoint-tokens", "256",
+            "--n-tokens", "2048", "--batch-size", "1", "--checkpoint-tokens", "128",
+            "--accumulate-tokens", "64",
             "--out", str(run)]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = run / "state" / "checkpoint.safetensors"

@@ -21,7 +21,7 @@ import torch
 
 from .base import register
 
-__all__ = ["CoMoments", "LayerCov", "batch_matmul_dtype"]
+__all__ = ["CoMoments", "LayerCov", "batch_matmul_dtype", "shift_of", "shifted"]
 
 
 def batch_matmul_dtype(name: str) -> torch.dtype:
@@ -30,14 +30,25 @@ def batch_matmul_dtype(name: str) -> torch.dtype:
             "float64": torch.float64}[name]
 
 
-def _cross(xc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
-    """``xcᵀ yc`` in the inputs' dtype, returned as float64 ``[da, db]``."""
-    if xc.dtype == torch.bfloat16:
-        if xc.is_cuda:
+def shift_of(x: torch.Tensor) -> torch.Tensor:
+    """A float64 shift close to the batch mean of ``x [n, d]`` (its float32 mean)."""
+    return x.float().mean(0).to(torch.float64)
+
+
+def shifted(x: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x - shift`` in ``dtype`` (float64 arithmetic only when asked for float64)."""
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    return (x.to(work) - shift.to(work)).to(dtype)
+
+
+def _cross(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """``xsᵀ ys`` ``[da, db]`` in float32 (float64 for float64 inputs)."""
+    if xs.dtype == torch.bfloat16:
+        if xs.is_cuda:
             # bf16 inputs, fp32 accumulation and an fp32 output: no bf16 rounding of the sums
-            return torch.mm(xc.T, yc, out_dtype=torch.float32).to(torch.float64)
-        return torch.matmul(xc.T, yc).to(torch.float64)
-    return (xc.T @ yc).to(torch.float64)
+            return torch.mm(xs.T, ys, out_dtype=torch.float32)
+        return torch.matmul(xs.T, ys).float()
+    return xs.T @ ys
 
 
 def _co_example(seed: int):
@@ -65,26 +76,40 @@ class CoMoments:
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> CoMoments:
         """Fold in one batch of paired rows (``x [n, da]``, ``y [n, db]``)."""
-        nb = x.shape[0]
-        if nb == 0:
+        if x.shape[0] == 0:
             return self
-        mx, my = x.to(torch.float64).mean(0), y.to(torch.float64).mean(0)
-        xc = (x.to(torch.float64) - mx).to(self.compute_dtype)  # [n, da]
-        yc = (y.to(torch.float64) - my).to(self.compute_dtype)  # [n, db]
-        return self.update_centred(nb, mx, my, xc, yc)
+        sx, sy = shift_of(x), shift_of(y)
+        return self.update_shifted(sx, sy, shifted(x, sx, self.compute_dtype),
+                                   shifted(y, sy, self.compute_dtype))
 
-    def update_centred(self, nb: int, mx: torch.Tensor, my: torch.Tensor,
-                       xc: torch.Tensor, yc: torch.Tensor) -> CoMoments:
-        """Fast path: the batch already centred on its own means ``mx``, ``my`` (float64).
+    def update_shifted(self, shift_x: torch.Tensor, shift_y: torch.Tensor,
+                       xs: torch.Tensor, ys: torch.Tensor) -> CoMoments:
+        """Fast path: ``xs = x - shift_x``, ``ys = y - shift_y`` already formed.
 
-        The engine centres each model's activations once per batch and reuses them for every
-        pair, so each pair costs exactly one GEMM.
+        The engine shifts each model's activations once per batch and reuses them for every
+        pair, so each pair costs exactly one GEMM. Any shift near the batch mean works: the
+        exact batch mean and co-moment follow from the column sums of the shifted values,
+        ``C_b = xsᵀ ys − (Σxs)(Σys)ᵀ / n``, so no float64 copy of the batch is ever made.
         """
+        nb = xs.shape[0]
         if nb == 0:
             return self
-        cb = _cross(xc, yc)  # [da, db]
-        self._merge_parts(torch.tensor(float(nb), dtype=torch.float64, device=self.c.device),
-                          mx, my, cb)
+        sum_x = xs.sum(0, dtype=torch.float64)  # [da]
+        sum_y = ys.sum(0, dtype=torch.float64)  # [db]
+        mx = shift_x + sum_x / nb
+        my = shift_y + sum_y / nb
+        na = float(self.n)
+        n = na + nb
+        dx, dy = mx - self.mean_x, my - self.mean_y
+        # C += xsᵀys − sum_x sum_yᵀ / nb + (na nb / n) dx dyᵀ; the two rank-1 terms are one
+        # rank-2 addmm: two passes over the [da, db] float64 matrix per batch, plus the GEMM
+        self.c.add_(_cross(xs, ys))
+        left = torch.stack([-sum_x / nb, dx * (na * nb / n)], dim=1)  # [da, 2]
+        right = torch.stack([sum_y, dy], dim=0)  # [2, db]
+        self.c.addmm_(left, right)
+        self.mean_x += dx * (nb / n)
+        self.mean_y += dy * (nb / n)
+        self.n = self.n + nb
         return self
 
     def _merge_parts(self, nb: torch.Tensor, mx: torch.Tensor, my: torch.Tensor,
@@ -98,7 +123,6 @@ class CoMoments:
         dx = mx - self.mean_x  # [da]
         dy = my - self.mean_y  # [db]
         f = na * nb / n
-        # c += cb + f * dx dyᵀ, in place: the [da, db] matrix is the big object here
         self.c.add_(cb).addr_(dx, dy, alpha=float(f))
         self.mean_x += dx * (nb / n)
         self.mean_y += dy * (nb / n)
@@ -147,20 +171,33 @@ class LayerCov:
         self.c = torch.zeros(n_layers, d, d, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> LayerCov:
-        nb = x.shape[0]
-        if nb == 0:
+        if x.shape[0] == 0:
             return self
-        m = x.to(torch.float64).mean(0)
-        xc = (x.to(torch.float64) - m).to(self.compute_dtype)
-        return self.update_centred(nb, m, xc)
+        sx = shift_of(x)
+        return self.update_shifted(sx, shifted(x, sx, self.compute_dtype))
 
-    def update_centred(self, nb: int, m: torch.Tensor, xc: torch.Tensor) -> LayerCov:
-        """``xc [n, L*d]`` centred on its batch mean ``m``; one batched GEMM for all layers."""
+    def update_shifted(self, shift: torch.Tensor, xs: torch.Tensor) -> LayerCov:
+        """``xs [n, L*d] = x - shift``; one batched GEMM for all layers (see CoMoments)."""
+        nb = xs.shape[0]
         if nb == 0:
             return self
-        xl = xc.reshape(nb, self.n_layers, self.d).transpose(0, 1)  # [L, n, d]
-        cb = torch.bmm(xl.transpose(1, 2), xl).to(torch.float64)  # [L, d, d]
-        self._merge_parts(torch.tensor(float(nb), dtype=torch.float64, device=self.c.device), m, cb)
+        L, d = self.n_layers, self.d
+        sums = xs.sum(0, dtype=torch.float64)  # [L*d]
+        m = shift + sums / nb
+        na = float(self.n)
+        n = na + nb
+        dm = (m - self.mean).reshape(L, d)
+        xl = xs.reshape(nb, L, d).transpose(0, 1)  # [L, n, d]
+        cb = torch.bmm(xl.transpose(1, 2), xl)  # [L, d, d]
+        if cb.dtype == torch.bfloat16:
+            cb = cb.float()
+        self.c.add_(cb)
+        sl = sums.reshape(L, d)
+        left = torch.stack([-sl / nb, dm * (na * nb / n)], dim=2)  # [L, d, 2]
+        right = torch.stack([sl, dm], dim=1)  # [L, 2, d]
+        self.c.baddbmm_(left, right)
+        self.mean += dm.reshape(-1) * (nb / n)
+        self.n = self.n + nb
         return self
 
     def _merge_parts(self, nb: torch.Tensor, m: torch.Tensor, cb: torch.Tensor) -> None:

@@ -63,6 +63,9 @@ def register(app: typer.Typer) -> None:
         )),
         top_k: int = typer.Option(5, help="Top matches kept per neuron and partner."),
         batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+        accumulate_tokens: int = typer.Option(8192, help=(
+            "Fold into the co-moments once this many kept tokens are buffered (bigger: faster, more memory)."
+        )),
         device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
         dtype: str = typer.Option("float32", help=(
             "Dtype of each batch's cross product: float32, tf32, bfloat16 or float64 (accumulation is always "
@@ -89,7 +92,7 @@ def register(app: typer.Typer) -> None:
         cfg = build_config(
             CorrelateConfig, models=model, tokens=str(tokens), n_tokens=n_tokens, pairs=pairs,
             baseline=baseline, threshold=threshold, ceiling=ceiling, top_k=top_k,
-            batch_size=batch_size, device=device, dtype=dtype, memory_budget=memory_budget,
+            batch_size=batch_size, accumulate_tokens=accumulate_tokens, device=device, dtype=dtype, memory_budget=memory_budget,
             seed=seed, save_full_matrix=save_full_matrix, checkpoint_tokens=checkpoint_tokens,
             drop_newline=not keep_newline,
         )

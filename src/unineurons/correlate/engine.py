@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype
+from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype, shift_of, shifted
 from ..errors import UnineuronsError
 from ..io import load_tensors, save_tensors
 from ..models.load import LoadedModel, check_compatible, load_model
@@ -31,7 +31,7 @@ from .plan import ModelShape, Plan, Unit, plan_units
 from .rotation import rotation_for
 from .summarize import finalize
 
-__all__ = ["run_correlate", "CorrelateResult"]
+__all__ = ["run_correlate", "CorrelateResult", "plan_for"]
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -52,6 +52,12 @@ def _config_hash(cfg: CorrelateConfig, models: list[LoadedModel], store: TokenSt
     d["weights"] = [m.weights_sha256 for m in models]
     d["token_sha256"] = store.manifest.get("sha256")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def plan_for(cfg: CorrelateConfig, shapes: list[ModelShape], ctx: int) -> Plan:
+    """The pass plan of ``cfg``: rows buffered at once = a fold plus one forward batch."""
+    buffered = cfg.accumulate_tokens + cfg.batch_size * ctx
+    return plan_units(shapes, cfg.pairs, cfg.budget_bytes, buffered, ceiling=cfg.ceiling)
 
 
 def _rotations(cfg: CorrelateConfig, m: LoadedModel) -> list[torch.Tensor]:
@@ -150,8 +156,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
         )
 
     shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp) for m in models]
-    batch_tokens = cfg.batch_size * store.ctx
-    plan = plan_units(shapes, cfg.pairs, cfg.budget_bytes, batch_tokens, ceiling=cfg.ceiling)
+    plan = plan_for(cfg, shapes, store.ctx)
     cdtype = batch_matmul_dtype(cfg.dtype)
     if cfg.dtype == "tf32" and cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -193,17 +198,31 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
             stream = activation_stream([models[i] for i in need], contexts, special,
                                        batch_size=cfg.batch_size, start=cursor, mask=mask,
                                        device=cfg.device)
-            for batch in stream:
-                _fold(batch, need, st, shapes, cdtype)
-                cursor = batch.start + batch.n_contexts
+            pending: list = []  # forward batches not yet folded in
+            n_pending = 0
+
+            def fold() -> None:
+                nonlocal pending, n_pending, cursor, kept, since
+                acts = [torch.cat([b.acts[j] for b in pending]) for j in range(len(need))]
+                _fold(acts, need, st, shapes, cdtype)
+                cursor = pending[-1].start + pending[-1].n_contexts
                 if p == 0:
-                    kept += batch.n
-                since += batch.n_contexts * store.ctx
-                bar.advance(batch.n_contexts * store.ctx)
+                    kept += n_pending
+                pending, n_pending = [], 0
                 if since >= cfg.checkpoint_tokens and cursor < n_ctx:
                     _save_checkpoint(run, st, {"config_hash": chash, "pass": p, "cursor": cursor,
                                                "kept_tokens": kept})
                     since = 0
+
+            for batch in stream:
+                pending.append(batch)
+                n_pending += batch.n
+                since += batch.n_contexts * store.ctx
+                bar.advance(batch.n_contexts * store.ctx)
+                if n_pending >= cfg.accumulate_tokens:
+                    fold()
+            if pending:
+                fold()
         if kept == 0:
             raise UnineuronsError(
                 f"no token positions left after masking in {n_ctx} contexts of {cfg.tokens}; "
@@ -240,24 +259,19 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
 
 
 @torch.inference_mode()
-def _fold(batch, need: list[int], st: _PassState, shapes: list[ModelShape], cdtype: torch.dtype
-          ) -> None:
-    """Centre each model's batch once, then one GEMM per planned block."""
-    nb = batch.n
-    if nb == 0:
+def _fold(acts: list[torch.Tensor], need: list[int], st: _PassState, shapes: list[ModelShape],
+          cdtype: torch.dtype) -> None:
+    """Shift each model's activations once, then one GEMM per planned block."""
+    if acts[0].shape[0] == 0:
         return
-    work = torch.float64 if cdtype == torch.float64 else torch.float32
-    means, cent = {}, {}
+    shift, xs = {}, {}
     for j, i in enumerate(need):
-        acts = batch.acts[j]  # [n, L*d]
-        m = acts.to(torch.float64).mean(0)  # [L*d]
-        means[i] = m
-        cent[i] = (acts.to(work) - m.to(work)).to(cdtype)  # [n, L*d]
+        shift[i] = shift_of(acts[j])  # [L*d] float64
+        xs[i] = shifted(acts[j], shift[i], cdtype)  # [n, L*d]
     if st.fresh_layercov:
         for i, lc in enumerate(st.layercov):
-            lc.update_centred(nb, means[i], cent[i])
+            lc.update_shifted(shift[i], xs[i])
     for u in st.units:
         da = shapes[u.a].d_mlp
         rows = slice(u.l0 * da, u.l1 * da)
-        st.co[u.key()].update_centred(nb, means[u.a][rows], means[u.b], cent[u.a][:, rows],
-                                      cent[u.b])
+        st.co[u.key()].update_shifted(shift[u.a][rows], shift[u.b], xs[u.a][:, rows], xs[u.b])

@@ -1,0 +1,454 @@
+"""Evaluate a model with some neurons fixed: the loop behind interventions and ablations.
+
+A *patch* fixes chosen neurons' activations (the input of the MLP output projection, see
+:mod:`unineurons.models.adapters`) at given values on every position, through
+``Adapter.intervene``. :func:`evaluate_patches` streams the tokens once: per batch it runs the
+clean model once and then the model under every patch, and folds next-token metrics into one
+:class:`LMMetrics` accumulator per configuration, so no logits outlive their batch.
+
+Scored predictions: position t predicting token t+1, except where token t+1 is BOS, EOS or
+pad (the positions the activation stream's token mask drops: BOS and pad are not text and EOS
+is a document boundary, whose prediction measures document-length guessing, not language) or
+where token t is pad. Newlines *are* scored: they are text the model has to predict.
+
+:func:`intervene_neurons` is Gurnee et al. section 5 (fix one neuron at several values and
+watch loss, entropy, the true token's rank and the final norm's scale); :func:`run_interventions`
+wires it to a run directory (``unineurons intervene``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import nn
+
+from ..accumulators.base import register
+from ..errors import UnineuronsError
+from ..models.adapters import neuron_name, parse_neuron
+from ..models.load import LoadedModel, load_model
+from ..progress import progress
+
+__all__ = ["LMMetrics", "NeuronPatch", "make_patch", "target_mask", "final_norm_scale",
+           "evaluate_patches", "intervene_neurons", "random_late_neurons", "InterveneConfig",
+           "run_interventions", "METRICS", "check_device", "run_model_entries", "load_run_model", "run_contexts",
+           "write_model_rows"]
+
+#: Metric keys of :meth:`LMMetrics.result`, in table order.
+METRICS = ["loss", "entropy", "top1_acc", "kl", "true_rank_mean", "true_rank_median",
+           "final_norm_scale", "n_targets"]
+
+#: layer -> (neuron indices [k] int64, values [k] float32): activations fixed by a patch.
+NeuronPatch = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+# ---- the metrics accumulator ---------------------------------------------------------------
+def _example(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    v = 11
+
+    def batch(n: int) -> tuple:
+        logp = torch.log_softmax(torch.randn(n, v, generator=g) * 2, -1)
+        clean = torch.log_softmax(torch.randn(n, v, generator=g) * 2, -1)
+        return logp, torch.randint(0, v, (n,), generator=g), torch.rand(n, generator=g), clean
+
+    return (lambda: LMMetrics(v)), [batch(n) for n in (6, 1, 9, 3, 5, 2)]
+
+
+@register(_example)
+class LMMetrics:
+    """Next-token metrics of one model configuration, streamed over scored positions.
+
+    Sums in float64 plus a histogram of the true token's rank (so the median is exact and
+    the state still merges by addition).
+    """
+
+    _SUMS = ["loss", "entropy", "top1_acc", "kl", "true_rank_mean", "final_norm_scale"]
+    CHUNK = 1024  #: rows folded at a time
+
+    def __init__(self, vocab_size: int, device: str | torch.device = "cpu"):
+        self.vocab_size = vocab_size
+        self.n = torch.zeros((), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(self._SUMS), dtype=torch.float64, device=device)
+        # rank r (1 = the model's top choice) is counted at index r; index 0 stays empty
+        self.rank_hist = torch.zeros(vocab_size + 1, dtype=torch.int64, device=device)
+
+    def update(self, logp: torch.Tensor, targets: torch.Tensor, norm_scale: torch.Tensor,
+               clean_logp: torch.Tensor) -> LMMetrics:
+        """Fold in ``logp [n, V]`` (log-probs), ``targets [n]``, ``norm_scale [n]`` (the final
+        norm's 1/sigma) and ``clean_logp [n, V]``, the reference of KL(clean || this)."""
+        # rows in chunks: each [n, V] temporary is as big as the logits (GPT-2: 0.2 MB a row)
+        for i in range(0, logp.shape[0], self.CHUNK):
+            sl = slice(i, i + self.CHUNK)
+            self._update(logp[sl].float(), targets[sl], norm_scale[sl], clean_logp[sl].float())
+        return self
+
+    def _update(self, logp: torch.Tensor, targets: torch.Tensor, norm_scale: torch.Tensor,
+                clean_logp: torch.Tensor) -> None:
+        p = logp.exp()  # [n, V]
+        true_lp = logp.gather(1, targets[:, None])  # [n, 1]
+        # 0 * log 0 = 0: a token with probability exactly 0 contributes nothing
+        ent = -torch.where(p > 0, p * logp, 0.0).sum(-1)  # [n]
+        pc = clean_logp.exp()  # [n, V]
+        kl = torch.where(pc > 0, pc * (clean_logp - logp), 0.0).sum(-1)  # [n]
+        rank = (logp > true_lp).sum(-1) + 1  # [n], 1 = top choice; ties count in the token's favour
+        top1 = (rank == 1).double()
+        parts = torch.stack([-true_lp[:, 0].double(), ent.double(), top1, kl.double(),
+                             rank.double(), norm_scale.double()])  # [6, n]
+        self.sums = self.sums + parts.sum(1).to(self.sums.device)
+        self.n = self.n + logp.shape[0]
+        self.rank_hist = self.rank_hist + torch.bincount(
+            rank, minlength=self.vocab_size + 1).to(self.rank_hist.device)
+
+    def merge(self, other: LMMetrics) -> LMMetrics:
+        self.n = self.n + other.n
+        self.sums = self.sums + other.sums
+        self.rank_hist = self.rank_hist + other.rank_hist
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"n": self.n, "sums": self.sums, "rank_hist": self.rank_hist}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> LMMetrics:
+        self.n = state["n"].clone().to(torch.float64)
+        self.sums = state["sums"].clone().to(torch.float64)
+        self.rank_hist = state["rank_hist"].clone().to(torch.int64)
+        self.vocab_size = int(self.rank_hist.shape[0]) - 1
+        return self
+
+    def result(self) -> dict[str, float]:
+        """Means over scored positions of :data:`METRICS`; NaN (and ``n_targets`` 0) when empty.
+
+        ``true_rank_median`` follows numpy: the mean of the two middle ranks for an even count.
+        """
+        n = float(self.n)
+        if n == 0:
+            out = {k: float("nan") for k in METRICS}
+            out["n_targets"] = 0.0
+            return out
+        out = {k: float(s) / n for k, s in zip(self._SUMS, self.sums.tolist(), strict=True)}
+        cdf = self.rank_hist.cumsum(0)  # [V + 1]
+        k = int(round(n))
+        lo = torch.searchsorted(cdf, torch.tensor([(k - 1) // 2 + 1], device=cdf.device))
+        hi = torch.searchsorted(cdf, torch.tensor([k // 2 + 1], device=cdf.device))
+        out["true_rank_median"] = (float(lo) + float(hi)) / 2
+        out["n_targets"] = n
+        return {key: out[key] for key in METRICS}
+
+
+# ---- patches and the evaluation loop -------------------------------------------------------
+def make_patch(neurons: Sequence[tuple[int, int]], values: float | Sequence[float]) -> NeuronPatch:
+    """A patch fixing neuron ``(layer, index)`` number i at ``values[i]`` (or all at one value)."""
+    vals = np.broadcast_to(np.asarray(values, dtype=np.float32), (len(neurons),))
+    by_layer: dict[int, tuple[list[int], list[float]]] = {}
+    for (layer, idx), v in zip(neurons, vals, strict=True):
+        ids, vs = by_layer.setdefault(int(layer), ([], []))
+        ids.append(int(idx))
+        vs.append(float(v))
+    return {layer: (torch.tensor(ids, dtype=torch.int64), torch.tensor(vs, dtype=torch.float32))
+            for layer, (ids, vs) in sorted(by_layer.items())}
+
+
+def _check_patch(patch: NeuronPatch, m: LoadedModel) -> None:
+    ad = m.adapter
+    for layer, (idx, _) in patch.items():
+        for i in idx.tolist():
+            if not (0 <= layer < ad.n_layers and 0 <= i < ad.d_mlp):
+                raise UnineuronsError(
+                    f"neuron {neuron_name(layer, i)} does not exist in model {m.name} "
+                    f"({ad.n_layers} layers x {ad.d_mlp} neurons); give addresses "
+                    f"L0..L{ad.n_layers - 1}, N0..N{ad.d_mlp - 1}"
+                )
+
+
+def _patch_fn(patch: NeuronPatch):
+    def fn(layer: int, act: torch.Tensor) -> torch.Tensor:  # act [B, T, d_mlp]
+        idx, vals = patch[layer]
+        act = act.clone()  # never write into a tensor the model may reuse
+        act[..., idx] = vals.to(act.dtype)  # [B, T, k] <- [k], broadcast over positions
+        return act
+    return fn
+
+
+def target_mask(tokens: torch.Tensor, special: dict) -> torch.Tensor:
+    """Bool ``[B, T-1]``: True where position t's prediction of token t+1 is scored."""
+    skip = [int(special[k]) for k in ("bos_id", "eos_id", "pad_id") if special.get(k) is not None]
+    tgt = tokens[:, 1:]  # [B, T-1]
+    keep = torch.ones_like(tgt, dtype=torch.bool)
+    if skip:
+        keep &= ~torch.isin(tgt, torch.tensor(sorted(set(skip)), device=tokens.device))
+    if special.get("pad_id") is not None:
+        keep &= tokens[:, :-1] != int(special["pad_id"])
+    return keep
+
+
+def final_norm_scale(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x [..., d_model]`` (the final norm's input) -> ``[...]``, the factor the norm
+    multiplies its (centred) input by: 1 / sqrt(var + eps) for LayerNorm, 1 / sqrt(mean(x^2)
+    + eps) for RMSNorm. Smaller means a larger residual norm squashing the logits."""
+    eps = getattr(norm, "eps", None)
+    if eps is None:
+        eps = getattr(norm, "variance_epsilon", 0.0)  # Llama's RMSNorm
+    x = x.float()
+    centred = isinstance(norm, nn.LayerNorm)
+    second = x.var(-1, unbiased=False) if centred else x.pow(2).mean(-1)  # [...]
+    return torch.rsqrt(second + float(eps))
+
+
+def _forward(m: LoadedModel, tokens: torch.Tensor, valid: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scored log-probs ``[n, V]`` (float32) and final-norm scales ``[n]`` of one forward."""
+    norm = m.adapter.final_norm()
+    seen: dict[str, torch.Tensor] = {}
+    handle = norm.register_forward_pre_hook(lambda _mod, args: seen.__setitem__("x", args[0]))
+    try:
+        logits = m.model(input_ids=tokens, use_cache=False).logits  # [B, T, V]
+    finally:
+        handle.remove()
+    logp = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)  # [n, V]
+    return logp, final_norm_scale(norm, seen["x"][:, :-1][valid])  # [n, V], [n]
+
+
+@torch.inference_mode()
+def evaluate_patches(m: LoadedModel, contexts: np.ndarray, special: dict,
+                     patches: Sequence[NeuronPatch], *, batch_size: int = 8,
+                     desc: str = "evaluating") -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Metrics of the clean model and of the model under each patch, over ``contexts``.
+
+    One pass over the tokens: per batch one clean forward (its log-probs are the KL
+    reference) and one forward per patch. Returns ``(clean, [per patch])``, dicts of
+    :data:`METRICS`; the per-patch dicts also hold ``delta_loss``, ``delta_entropy`` and
+    ``delta_final_norm_scale`` (patched minus clean). An empty patch is the clean model.
+    """
+    if batch_size < 1:
+        raise UnineuronsError(f"--batch-size must be at least 1, got {batch_size}")
+    ad = m.adapter
+    device = next(m.model.parameters()).device
+    for p in patches:
+        _check_patch(p, m)
+    dev_patches = [{layer: (i.to(device), v.to(device)) for layer, (i, v) in p.items()}
+                   for p in patches]
+    clean = LMMetrics(ad.vocab_size, device)
+    accs = [LMMetrics(ad.vocab_size, device) for _ in patches]
+    n_ctx, ctx = contexts.shape
+    with progress(desc, total=n_ctx * ctx * (1 + len(patches)), unit="tokens") as bar:
+        for b0 in range(0, n_ctx, batch_size):
+            tokens = torch.from_numpy(np.asarray(contexts[b0:b0 + batch_size]).astype(np.int64))
+            if int(tokens.max()) >= ad.vocab_size:
+                raise UnineuronsError(
+                    f"model {m.name}: token id {int(tokens.max())} is outside its vocabulary of "
+                    f"{ad.vocab_size}; the token store was made with another tokenizer"
+                )
+            tokens = tokens.to(device)  # [B, T]
+            valid = target_mask(tokens, special)  # [B, T-1]
+            targets = tokens[:, 1:][valid]  # [n]
+            clean_logp, clean_scale = _forward(m, tokens, valid)
+            clean.update(clean_logp, targets, clean_scale, clean_logp)
+            bar.advance(tokens.numel())
+            for patch, acc in zip(dev_patches, accs, strict=True):
+                with ad.intervene(_patch_fn(patch), layers=sorted(patch)):
+                    logp, scale = _forward(m, tokens, valid)
+                acc.update(logp, targets, scale, clean_logp)
+                bar.advance(tokens.numel())
+    base = clean.result()
+    out = []
+    for acc in accs:
+        r = acc.result()
+        for k in ("loss", "entropy", "final_norm_scale"):
+            r[f"delta_{k}"] = r[k] - base[k]
+        out.append(r)
+    return base, out
+
+
+# ---- a run directory's models and tokens (shared with analyses.ablate) ---------------------
+def _same_spec(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    pa, pb = Path(a), Path(b)
+    return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
+
+
+def check_device(v: str) -> str:
+    """A config validator: ``cpu`` or ``cuda[:i]``."""
+    if not (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
+        raise ValueError(f"device must be cpu or cuda[:i], not {v!r}")
+    return v
+
+
+def run_model_entries(run: Any, requested: Sequence[str] | None) -> list[dict]:
+    """The run manifest's ``models`` entries for the ``requested`` specs (a folder may be
+    spelled differently), all of them in run order when None."""
+    models = run.manifest().get("models") or []
+    if not models:
+        raise UnineuronsError(f"run {run.path} lists no models in its manifest; run "
+                              "`unineurons correlate ... --out RUN` first")
+    if requested is None:
+        return list(models)
+    out = []
+    for spec in requested:
+        hit = next((e for e in models if _same_spec(spec, e["spec"])), None)
+        if hit is None:
+            known = ", ".join(e["spec"] for e in models)
+            raise UnineuronsError(f"model {spec} is not part of run {run.path}; its models are: "
+                                  f"{known}")
+        out.append(hit)
+    return out
+
+
+def load_run_model(entry: dict, device: str = "cpu") -> LoadedModel:
+    """Load a run's model in float32 (as the run hashed it), refusing changed weights."""
+    m = load_model(entry["spec"], device=device, dtype=torch.float32, with_tokenizer=False)
+    want = entry.get("weights_sha256")
+    if want and m.weights_sha256 != want:
+        raise UnineuronsError(
+            f"model {m.name}: its weights changed since the run was made (sha256 "
+            f"{m.weights_sha256[:12]} != {want[:12]}); the run's neuron table describes other "
+            "weights: re-run the correlate stage into a new run"
+        )
+    return m
+
+
+def run_contexts(run: Any, tokens: str | None, n_tokens: int | None
+                 ) -> tuple[np.ndarray, dict, dict]:
+    """``(contexts [n, ctx], special ids, tokens info)`` from ``tokens`` or the run's own store.
+
+    ``n_tokens`` None means the run's token count for the run's store, all of another store.
+    """
+    from ..tokens import TokenStore
+
+    recorded = run.manifest().get("tokens") or {}
+    if tokens is None:
+        if not recorded.get("path"):
+            raise UnineuronsError(f"run {run.path} records no token store; pass --tokens DIR")
+        tokens = recorded["path"]
+        if n_tokens is None:
+            n_tokens = recorded.get("n_tokens")
+    store = TokenStore.open(tokens)
+    contexts = store.contexts(n_tokens)
+    info = {"path": str(store.path), "sha256": store.sha256, "split": store.manifest["split"],
+            "ctx": store.ctx, "n_contexts": int(contexts.shape[0]),
+            "n_tokens": int(contexts.shape[0]) * store.ctx}
+    return contexts, store.manifest["tokenizer"], info
+
+
+def write_model_rows(run: Any, name: str, df: pd.DataFrame) -> pd.DataFrame:
+    """Write table ``name``: the models in ``df`` replace their old rows, others stay."""
+    if run.has_table(name):
+        old = run.read_table(name)
+        old = old[~old["model"].isin(set(df["model"]))]
+        if len(old):
+            df = pd.concat([old, df], ignore_index=True)
+    run.write_table(name, df)
+    return df
+
+
+# ---- single-neuron interventions -----------------------------------------------------------
+def random_late_neurons(n_layers: int, d_mlp: int, k: int, seed: int,
+                        exclude: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+    """``k`` distinct neurons of the last layer drawn with ``seed`` (fewer if the layer runs
+    out), skipping ``exclude``; sorted by index."""
+    last = n_layers - 1
+    taken = {i for (layer, i) in exclude if layer == last}
+    pool = np.array([i for i in range(d_mlp) if i not in taken], dtype=np.int64)
+    pick = np.random.default_rng(seed).choice(pool, size=min(k, len(pool)), replace=False)
+    return [(last, int(i)) for i in sorted(pick)]
+
+
+def intervene_neurons(m: LoadedModel, contexts: np.ndarray, special: dict,
+                      neurons: Sequence[tuple[int, int]], values: Sequence[float], *,
+                      kinds: Sequence[str] | None = None, batch_size: int = 8) -> pd.DataFrame:
+    """Fix each neuron alone at each value on every position; one row per (neuron, value).
+
+    Columns: ``model, address, layer, neuron, kind, value`` then :data:`METRICS` and
+    ``delta_loss, delta_entropy, delta_final_norm_scale`` against the clean model on the same
+    tokens. ``kinds`` labels each neuron (default ``"target"``). All configurations share one
+    pass over the tokens.
+    """
+    kinds = list(kinds) if kinds is not None else ["target"] * len(neurons)
+    if len(kinds) != len(neurons):
+        raise ValueError("kinds must give one label per neuron")
+    if not neurons or not len(values):
+        raise UnineuronsError("intervene needs at least one --neuron and one --values entry")
+    configs = [(nrn, kind, float(v)) for nrn, kind in zip(neurons, kinds, strict=True)
+               for v in values]
+    patches = [make_patch([nrn], [v]) for nrn, _, v in configs]
+    _, results = evaluate_patches(m, contexts, special, patches, batch_size=batch_size,
+                                  desc=f"intervening on {m.name}")
+    rows = [{"model": m.name, "address": neuron_name(*nrn), "layer": nrn[0], "neuron": nrn[1],
+             "kind": kind, "value": v, **res}
+            for (nrn, kind, v), res in zip(configs, results, strict=True)]
+    df = pd.DataFrame(rows)
+    return df.astype({"layer": "int64", "neuron": "int64", "n_targets": "int64"})
+
+
+class InterveneConfig(BaseModel):
+    """Single-neuron interventions (Gurnee et al. section 5) on neurons of a run's model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = Field(
+        None, description="Model spec of the run; the run's first (reference) model when unset.")
+    neurons: list[str] = Field(description="Neuron addresses L{layer}.N{index} to intervene on.")
+    values: list[float] = Field(
+        [-1.0, 0.0, 1.0, 2.0, 4.0, 6.0],
+        description="Activation values each neuron is fixed at, on every position.")
+    random_baseline: int = Field(
+        5, ge=0, description="Random last-layer neurons (not among the targets) given the same "
+        "interventions as a baseline.")
+    tokens: str | None = Field(
+        None, description="Token store folder; the run's token store when unset.")
+    n_tokens: int | None = Field(
+        None, ge=1, description="Evaluate on the first ceil(N / ctx) contexts; the run's token "
+        "count with the run's store, the whole store otherwise, when unset.")
+    seed: int = Field(0, description="Seed of the random baseline neurons.")
+    batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
+    device: str = Field("cpu", description="cpu or cuda[:i].")
+
+    @field_validator("neurons")
+    @classmethod
+    def _addresses(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one --neuron L{layer}.N{index}")
+        for a in v:
+            try:
+                parse_neuron(a)
+            except UnineuronsError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return check_device(v)
+
+    @field_validator("values")
+    @classmethod
+    def _values(cls, v: list[float]) -> list[float]:
+        if not v or not all(np.isfinite(v)):
+            raise ValueError("--values needs at least one finite number")
+        return v
+
+
+def run_interventions(run: Any, cfg: InterveneConfig) -> pd.DataFrame:
+    """Run ``cfg`` on ``run`` (a :class:`~unineurons.rundir.RunDir`): write
+    ``interventions.parquet`` (this model's rows replaced, other models' kept) and the
+    manifest section ``intervene`` (per model: config and tokens used); return the new rows."""
+    entry = run_model_entries(run, None if cfg.model is None else [cfg.model])[0]
+    contexts, special, tok_info = run_contexts(run, cfg.tokens, cfg.n_tokens)
+    m = load_run_model(entry, cfg.device)
+    targets = list(dict.fromkeys(parse_neuron(a) for a in cfg.neurons))  # dedupe, keep order
+    rand = random_late_neurons(m.adapter.n_layers, m.adapter.d_mlp, cfg.random_baseline,
+                               cfg.seed, exclude=targets)
+    df = intervene_neurons(m, contexts, special, targets + rand, cfg.values,
+                           kinds=["target"] * len(targets) + ["random"] * len(rand),
+                           batch_size=cfg.batch_size)
+    write_model_rows(run, "interventions", df)
+    section = dict(run.manifest().get("intervene", {}))
+    section[m.name] = {"config": cfg.model_dump(mode="json"), "tokens": tok_info}
+    run.update_manifest(intervene=section)
+    return df
