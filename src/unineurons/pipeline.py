@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .analyses.ablate import AblateConfig
 from .errors import UnineuronsError
 from .io import prepare_out_dir, read_json, write_json
 
@@ -82,7 +83,9 @@ class PipelineConfig(_Section):
     zoo: ZooStage | None = None
     correlate: CorrelateStage | None = None
     analyze: dict[str, Any] | None = Field(None, description="Options of `unineurons analyze`.")
-    ablate: dict[str, Any] | None = Field(None, description="Options of `unineurons ablate`.")
+    ablate: AblateConfig | None = Field(None, description=(
+        "Options of `unineurons ablate` (tokens default to the held-out store)."
+    ))
 
 
 def _validation_error(e: ValidationError, where: str) -> UnineuronsError:
@@ -198,8 +201,17 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print,
         r.where["zoo"] = str(zoo_dir)
     if cfg.correlate:
         c = cfg.correlate
-        r.stage("correlate", c, [run_dir / "neurons.parquet"], lambda: show("correlate", _correlate(cfg, zoo_dir, held_dir, run_dir)))
+        r.stage("correlate", c, [run_dir / "neurons.parquet"],
+                lambda: show("correlate", _correlate(cfg, zoo_dir, held_dir, run_dir)))
         r.where["run"] = str(run_dir)
+    if cfg.ablate:
+        from .analyses.ablate import run_ablations
+        from .rundir import RunDir
+
+        a = cfg.ablate if cfg.ablate.tokens else cfg.ablate.model_copy(update={"tokens": str(held_dir)})
+        r.stage("ablate", a, [run_dir / "ablations.parquet"],
+                lambda: show("ablate", run_ablations(RunDir.open(run_dir), a)))
+        r.where["ablations"] = str(run_dir / "ablations.parquet")
     return r.where
 
 

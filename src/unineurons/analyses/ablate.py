@@ -282,6 +282,12 @@ def run_ablations(run: Any, cfg: AblateConfig) -> pd.DataFrame:
     ``ablations.parquet`` (each model's rows replaced, other models' kept) and the manifest
     section ``ablate`` (per model: config and tokens used); return the new rows."""
     entries = run_model_entries(run, cfg.models)
+    if cfg.models is None and run.has_table("neurons"):
+        # by default, the models the correlate stage ranked (in reference mode: the reference)
+        neurons = run.read_table("neurons")
+        ranked = set(neurons.loc[neurons["excess_corr"].notna(), "model"]) \
+            if "excess_corr" in neurons else set()
+        entries = [e for e in entries if e["spec"] in ranked] or entries
     tables = {e["spec"]: _model_table(run, e["spec"]) for e in entries}  # fail before loading
     contexts, special, tok_info = run_contexts(run, cfg.tokens, cfg.n_tokens)
     frames = []

@@ -79,7 +79,7 @@ def ablate(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
 ) -> None:
     """Group ablations: universal vs non-universal vs random neurons -> RUN/ablations.parquet."""
-    from ..analyses.ablate import AblateConfig, headline, run_ablations, summarize
+    from ..analyses.ablate import AblateConfig, run_ablations
     from ..rundir import RunDir
     from . import console
 
@@ -89,6 +89,15 @@ def ablate(
                   n_tokens=n_tokens, seed=seed, batch_size=batch_size, device=device)
     rd = RunDir.open(run)
     df = run_ablations(rd, cfg)
+    show_ablations(df)
+    console.print(f"{len(df)} rows written to {rd.table_path('ablations')}", highlight=False)
+
+
+def show_ablations(df) -> None:
+    """The summary table (whole model; per layer only the whole set) and the headline."""
+    from ..analyses.ablate import headline, summarize
+    from . import console
+
     summary = summarize(df)
     # whole-model rows in full; per layer only the whole set (Nandan et al. Fig. 5)
     summary = summary[(summary["layer"] == -1) | (summary["size"] == "all")]
@@ -96,7 +105,6 @@ def ablate(
                  ["model", "layer", "set", "size", "n_ablated", "delta_loss", "delta_loss_std",
                   "kl", "efficiency"])
     console.print(headline(df), highlight=False, soft_wrap=True)
-    console.print(f"{len(df)} rows written to {rd.table_path('ablations')}", highlight=False)
 
 
 def intervene(

@@ -27,6 +27,10 @@ def _show(what: str, obj: Any) -> None:
         console.print(t)
     elif what == "correlate":
         print_summary(obj.layers, console)
+    elif what == "ablate":
+        from .ablate import show_ablations
+
+        show_ablations(obj)
 
 
 def _run(cfg, started: float) -> None:
