@@ -48,3 +48,25 @@ def test_the_check_catches_a_broken_merge():
             check_accumulator("Forgetful")
     finally:
         del REGISTRY["Forgetful"]
+
+
+def test_moments_match_scipy_in_column_blocks(monkeypatch):
+    import numpy as np
+    import scipy.stats as st
+    import torch
+
+    from unineurons.accumulators.moments import Moments
+
+    x = torch.randn(500, 7, dtype=torch.float64) ** 3 * 2 + 1e3  # skewed, heavy-tailed, large mean
+    monkeypatch.setattr(Moments, "BLOCK", 3)  # 7 columns in blocks of 3, 3, 1
+    acc = Moments(7)
+    for chunk in x.split(61):
+        acc.update(chunk)
+    r = acc.result()
+    xn = x.numpy()
+    np.testing.assert_allclose(r["mean"], xn.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(r["var"], xn.var(0), rtol=1e-9)
+    np.testing.assert_allclose(r["skew"], st.skew(xn), rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(r["kurt"], st.kurtosis(xn, fisher=False), rtol=1e-8)
+    np.testing.assert_allclose(r["min"], xn.min(0))
+    np.testing.assert_allclose(r["max"], xn.max(0))

@@ -8,6 +8,7 @@ are refused with the key named), then runs each configured stage into ``out``::
     out/tokens/heldout/   held-out token store
     out/zoo/              the seed zoo            (stage "zoo")
     out/run/              the run directory       (stages "correlate", "analyze", "ablate")
+    out/dynamics/         checkpoints over training (stage "dynamics")
 
 Work already done is reused: ``out/pipeline.json`` records, per finished stage, a hash of its
 config and of everything upstream; a stage whose hash matches is skipped.
@@ -28,6 +29,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .analyses.ablate import AblateConfig
+from .analyses.analyze import AnalyzeConfig
+from .analyses.dynamics import DynamicsConfig
 from .errors import UnineuronsError
 from .io import prepare_out_dir, read_json, write_json
 
@@ -82,9 +85,15 @@ class PipelineConfig(_Section):
     tokens: TokensStage | None = None
     zoo: ZooStage | None = None
     correlate: CorrelateStage | None = None
-    analyze: dict[str, Any] | None = Field(None, description="Options of `unineurons analyze`.")
+    analyze: AnalyzeConfig | None = Field(None, description=(
+        "Options of `unineurons analyze` (tokens default to the held-out store)."
+    ))
     ablate: AblateConfig | None = Field(None, description=(
         "Options of `unineurons ablate` (tokens default to the held-out store)."
+    ))
+    dynamics: DynamicsConfig | None = Field(None, description=(
+        "Options of `unineurons dynamics` (zoo, tokens and reference seed default to the "
+        "pipeline's zoo, held-out store and correlate reference seed)."
     ))
 
 
@@ -204,6 +213,12 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print,
         r.stage("correlate", c, [run_dir / "neurons.parquet"],
                 lambda: show("correlate", _correlate(cfg, zoo_dir, held_dir, run_dir)))
         r.where["run"] = str(run_dir)
+    if cfg.analyze:
+        from .analyses.analyze import analyze_run
+
+        an = cfg.analyze if cfg.analyze.tokens else cfg.analyze.model_copy(update={"tokens": str(held_dir)})
+        r.stage("analyze", an, [run_dir / "top_contexts.parquet"],
+                lambda: show("analyze", analyze_run(run_dir, an)))
     if cfg.ablate:
         from .analyses.ablate import run_ablations
         from .rundir import RunDir
@@ -212,6 +227,15 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print,
         r.stage("ablate", a, [run_dir / "ablations.parquet"],
                 lambda: show("ablate", run_ablations(RunDir.open(run_dir), a)))
         r.where["ablations"] = str(run_dir / "ablations.parquet")
+    if cfg.dynamics:
+        from .analyses.dynamics import run_dynamics, with_defaults
+
+        dyn_dir = out / "dynamics"
+        d = with_defaults(cfg.dynamics, zoo_dir, held_dir,
+                          cfg.correlate.reference_seed if cfg.correlate else None)
+        r.stage("dynamics", d, [dyn_dir / "persistence.parquet"],
+                lambda: show("dynamics", run_dynamics(d, dyn_dir, say=say)))
+        r.where["dynamics"] = str(dyn_dir)
     return r.where
 
 

@@ -34,10 +34,21 @@ class Moments:
         self.min = torch.full((d,), float("inf"), dtype=torch.float64, device=device)
         self.max = torch.full((d,), float("-inf"), dtype=torch.float64, device=device)
 
+    #: columns per block: bounds the float64 temporaries to ~n x 4096 x 8 bytes each
+    BLOCK = 4096
+
     def update(self, x: torch.Tensor) -> Moments:
         """Fold ``x [n, d]`` in."""
         if x.shape[0] == 0:
             return self
+        if x.shape[1] > self.BLOCK:
+            other = Moments(self.d, device=x.device)
+            parts = [Moments(min(self.BLOCK, self.d - c0), x.device).update(x[:, c0:c0 + self.BLOCK])
+                     for c0 in range(0, self.d, self.BLOCK)]
+            for k in ("mean", "m2", "m3", "m4", "n_pos", "min", "max"):
+                setattr(other, k, torch.cat([getattr(q, k) for q in parts]))
+            other.n = parts[0].n
+            return self.merge(other)
         x = x.to(torch.float64)
         other = Moments(self.d, device=x.device)
         other.n = torch.tensor(float(x.shape[0]), dtype=torch.float64, device=x.device)

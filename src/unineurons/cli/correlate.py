@@ -63,8 +63,9 @@ def register(app: typer.Typer) -> None:
         )),
         top_k: int = typer.Option(5, help="Top matches kept per neuron and partner."),
         batch_size: int = typer.Option(8, help="Contexts per forward pass."),
-        accumulate_tokens: int = typer.Option(8192, help=(
-            "Fold into the co-moments once this many kept tokens are buffered (bigger: faster, more memory)."
+        accumulate_tokens: int = typer.Option(None, help=(
+            "Fold into the co-moments once this many kept tokens are buffered (bigger: faster, more memory; "
+            "default: up to 8192 within a quarter of the budget)."
         )),
         device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
         dtype: str = typer.Option("float32", help=(
@@ -109,3 +110,51 @@ def register(app: typer.Typer) -> None:
             console.print(f"[yellow]{n_zero} neurons have zero variance on these tokens: their "
                           "correlations are NaN[/]")
         console.print(f"results: {out}/neurons.parquet, matches.parquet, layers.parquet, pairs/")
+
+    @app.command("plan")
+    def plan(
+        model: list[str] = typer.Option(..., "--model", "-m", help="Model spec; repeat. Only configs are read: no weights."),
+        n_tokens: int = typer.Option(100_000_000, help="Tokens the run would stream."),
+        ctx: int = typer.Option(512, help="Context length of the token store."),
+        memory_budget: str = typer.Option("80GB", help="Memory of the device (or host) the run gets."),
+        pairs: str = typer.Option("reference", help="reference or all."),
+        dtype: str = typer.Option("float32", help="Compute dtype of the batch products."),
+        device: str = typer.Option("cpu", help="cpu or cuda (weights take 2 bytes with bfloat16 on cuda)."),
+        batch_size: int = typer.Option(8, help="Contexts per forward pass."),
+        accumulate_tokens: int = typer.Option(None, help="Kept tokens buffered per fold (default: automatic)."),
+        ceiling: bool = typer.Option(True, help="Plan the rotated-self ceiling too."),
+        flops_per_s: float = typer.Option(None, help="Matmul rate for the time estimate (default: measure fp32 GEMM here)."),
+        workers: int = typer.Option(1, help="Machines (Ray workers) sharing the tokens."),
+    ) -> None:
+        """Plan a correlate run from model configs alone: memory, passes, FLOPs, time."""
+        from ..correlate.config import CorrelateConfig
+        from ..correlate.estimate import estimate
+        from ..correlate.plan import fmt_bytes
+        from . import console
+
+        cfg = build_config(CorrelateConfig, models=model, tokens="-", pairs=pairs, dtype=dtype,
+                           device=device, batch_size=batch_size, accumulate_tokens=accumulate_tokens,
+                           memory_budget=memory_budget, ceiling=ceiling)
+        est = estimate(cfg, n_tokens, ctx, rate=flops_per_s, workers=workers)
+        p = est.plan
+        t = Table(title=f"plan: {len(model)} models, {n_tokens:,} tokens, budget {fmt_bytes(p.budget)}",
+                  title_justify="left")
+        t.add_column("item")
+        t.add_column("value", justify="right")
+        for i, (spec, sh) in enumerate(zip(model, est.shapes, strict=True)):
+            t.add_row(f"model {i}: {spec}", f"{sh.n_layers} x {sh.d_mlp} = {sh.n:,} neurons, "
+                      f"{sh.n_params / 1e6:,.0f}M params")
+        t.add_row("co-moment blocks", f"{sum(len(x) for x in p.passes)} in {len(p.passes)} pass(es)")
+        for i, b in enumerate(p.pass_bytes):
+            t.add_row(f"  pass {i + 1} accumulators", fmt_bytes(b))
+        t.add_row("within-layer covariances (kept)", fmt_bytes(p.persistent_bytes))
+        t.add_row("weights + batch buffers", fmt_bytes(p.stream_bytes))
+        t.add_row("peak memory", f"{fmt_bytes(p.peak_bytes)} of {fmt_bytes(p.budget)}")
+        f = est.flops
+        t.add_row("FLOPs per token", f"{f['total'] / 1e9:,.2f} G (forward {f['forward'] / 1e9:,.2f}, "
+                  f"co-moments {f['comoments'] / 1e9:,.2f}, layer cov {f['layer_cov'] / 1e9:,.2f})")
+        t.add_row("total FLOPs", f"{est.total_flops:.3e}")
+        t.add_row("matmul rate", f"{est.rate / 1e12:,.3f} TFLOP/s" + (" (measured here)" if not flops_per_s else ""))
+        hours = est.seconds / 3600
+        t.add_row("estimated time", f"{hours:,.2f} h on {est.workers} worker(s)")
+        console.print(t)

@@ -27,10 +27,18 @@ def _show(what: str, obj: Any) -> None:
         console.print(t)
     elif what == "correlate":
         print_summary(obj.layers, console)
+    elif what == "analyze":
+        from .analyze import show_analysis
+
+        show_analysis(obj)
     elif what == "ablate":
         from .ablate import show_ablations
 
         show_ablations(obj)
+    elif what == "dynamics":
+        from .dynamics import show_dynamics
+
+        show_dynamics(obj)
 
 
 def _run(cfg, started: float) -> None:

@@ -32,9 +32,10 @@ class CorrelateConfig(BaseModel):
     ))
     top_k: int = Field(5, ge=1, description="Top matches kept per neuron and partner.")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
-    accumulate_tokens: int = Field(8192, ge=1, description=(
+    accumulate_tokens: int | None = Field(None, ge=1, description=(
         "Fold activations into the co-moments once at least this many kept tokens are buffered: "
-        "one large GEMM amortises the float64 merge (memory: this many rows of every model)."
+        "one large GEMM amortises the float64 merge (memory: this many rows of every model). "
+        "Unset: the largest power of two up to 8192 whose buffers take at most a quarter of the budget."
     ))
     device: str = Field("cpu", description="cpu or cuda[:i].")
     dtype: Literal["float32", "tf32", "bfloat16", "float64"] = Field("float32", description=(

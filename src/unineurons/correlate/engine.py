@@ -27,11 +27,11 @@ from ..stream import MaskConfig, activation_stream
 from ..tokens import TokenStore
 from .config import CorrelateConfig
 from .maxcorr import block_results, inv_std, row_max
-from .plan import ModelShape, Plan, Unit, plan_units
+from .plan import ModelShape, Plan, Unit, plan_units, stream_bytes
 from .rotation import rotation_for
 from .summarize import finalize
 
-__all__ = ["run_correlate", "CorrelateResult", "plan_for"]
+__all__ = ["run_correlate", "CorrelateResult", "plan_for", "accumulate_tokens"]
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -46,18 +46,39 @@ class CorrelateResult:
     reused: bool = False
 
 
-def _config_hash(cfg: CorrelateConfig, models: list[LoadedModel], store: TokenStore) -> str:
-    """What the numbers depend on: not the device, the checkpoint interval or the budget."""
+def _config_hash(cfg: CorrelateConfig, models: list[LoadedModel], store: TokenStore,
+                 accumulate: int) -> str:
+    """What the numbers depend on: not the device, the checkpoint interval or the budget
+    (except through the fold size, which changes rounding and is hashed as used)."""
     d = cfg.model_dump(exclude={"device", "checkpoint_tokens", "memory_budget"})
+    d["accumulate_tokens"] = accumulate
     d["weights"] = [m.weights_sha256 for m in models]
     d["token_sha256"] = store.manifest.get("sha256")
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
+def _stream(cfg: CorrelateConfig, shapes: list[ModelShape], ctx: int, accumulate: int) -> int:
+    cbytes = batch_matmul_dtype(cfg.dtype).itemsize
+    wbytes = 2 if cfg.dtype == "bfloat16" and cfg.device.startswith("cuda") else 4
+    # rows buffered at once: a fold plus one forward batch
+    return stream_bytes(shapes, accumulate + cfg.batch_size * ctx, cbytes, wbytes)
+
+
+def accumulate_tokens(cfg: CorrelateConfig, shapes: list[ModelShape], ctx: int) -> int:
+    """``cfg.accumulate_tokens``, or when unset the largest power of two in [256, 8192] whose
+    buffers take at most a quarter of the memory budget."""
+    if cfg.accumulate_tokens is not None:
+        return cfg.accumulate_tokens
+    acc = 8192
+    while acc > 256 and _stream(cfg, shapes, ctx, acc) > cfg.budget_bytes // 4:
+        acc //= 2
+    return acc
+
+
 def plan_for(cfg: CorrelateConfig, shapes: list[ModelShape], ctx: int) -> Plan:
-    """The pass plan of ``cfg``: rows buffered at once = a fold plus one forward batch."""
-    buffered = cfg.accumulate_tokens + cfg.batch_size * ctx
-    return plan_units(shapes, cfg.pairs, cfg.budget_bytes, buffered, ceiling=cfg.ceiling)
+    """The pass plan of ``cfg`` for models of ``shapes`` and contexts of ``ctx`` tokens."""
+    stream = _stream(cfg, shapes, ctx, accumulate_tokens(cfg, shapes, ctx))
+    return plan_units(shapes, cfg.pairs, cfg.budget_bytes, stream, ceiling=cfg.ceiling)
 
 
 def _rotations(cfg: CorrelateConfig, m: LoadedModel) -> list[torch.Tensor]:
@@ -137,7 +158,10 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
         models = [load_model(spec, device=cfg.device) for spec in cfg.models]
     check_compatible(models, store_tokenizer_fp=special.get("vocab_sha256"),
                      store_vocab_size=special.get("vocab_size"))
-    chash = _config_hash(cfg, models, store)
+    shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp,
+                         sum(p.numel() for p in m.model.parameters())) for m in models]
+    accumulate = accumulate_tokens(cfg, shapes, store.ctx)
+    chash = _config_hash(cfg, models, store, accumulate)
 
     done = run.manifest().get("correlate")
     ckpt_path = run.state_dir / CHECKPOINT
@@ -155,7 +179,6 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
             "it, or choose a new --out"
         )
 
-    shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp) for m in models]
     plan = plan_for(cfg, shapes, store.ctx)
     cdtype = batch_matmul_dtype(cfg.dtype)
     if cfg.dtype == "tf32" and cfg.device.startswith("cuda"):
@@ -191,38 +214,10 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
             cursor, kept = 0, 0 if p == 0 else kept
         need = sorted({u.a for u in units} | {u.b for u in units} |
                       (set(range(len(models))) if st.fresh_layercov else set()))
-        since = 0
-        desc = f"correlate pass {p + 1}/{len(plan.passes)}"
-        with progress(desc, total=n_ctx * store.ctx) as bar:
-            bar.advance(cursor * store.ctx)
-            stream = activation_stream([models[i] for i in need], contexts, special,
-                                       batch_size=cfg.batch_size, start=cursor, mask=mask,
-                                       device=cfg.device)
-            pending: list = []  # forward batches not yet folded in
-            n_pending = 0
-
-            def fold() -> None:
-                nonlocal pending, n_pending, cursor, kept, since
-                acts = [torch.cat([b.acts[j] for b in pending]) for j in range(len(need))]
-                _fold(acts, need, st, shapes, cdtype)
-                cursor = pending[-1].start + pending[-1].n_contexts
-                if p == 0:
-                    kept += n_pending
-                pending, n_pending = [], 0
-                if since >= cfg.checkpoint_tokens and cursor < n_ctx:
-                    _save_checkpoint(run, st, {"config_hash": chash, "pass": p, "cursor": cursor,
-                                               "kept_tokens": kept})
-                    since = 0
-
-            for batch in stream:
-                pending.append(batch)
-                n_pending += batch.n
-                since += batch.n_contexts * store.ctx
-                bar.advance(batch.n_contexts * store.ctx)
-                if n_pending >= cfg.accumulate_tokens:
-                    fold()
-            if pending:
-                fold()
+        cursor, kept = _stream_pass(
+            run, cfg, st, [models[i] for i in need], need, shapes, contexts, special, mask,
+            store.ctx, cdtype, accumulate, cursor=cursor, kept=kept, pass_index=p,
+            n_passes=len(plan.passes), chash=chash)
         if kept == 0:
             raise UnineuronsError(
                 f"no token positions left after masking in {n_ctx} contexts of {cfg.tokens}; "
@@ -242,7 +237,6 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
         save_tensors(ckpt_path, {}, metadata={"progress": json.dumps(
             {"config_hash": chash, "pass": p + 1, "cursor": 0, "kept_tokens": kept})})
         saved = None
-        del st
 
     all_results: dict[str, torch.Tensor] = {}
     for p in range(len(plan.passes)):
@@ -256,6 +250,42 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     for f in run.state_dir.glob("*.safetensors"):
         f.unlink()
     return CorrelateResult(run, neurons, layers, plan, elapsed)
+
+
+def _stream_pass(run: RunDir, cfg: CorrelateConfig, st: _PassState, pass_models: list[LoadedModel],
+                 need: list[int], shapes: list[ModelShape], contexts, special: dict, mask: MaskConfig,
+                 ctx: int, cdtype: torch.dtype, accumulate: int, *, cursor: int, kept: int,
+                 pass_index: int, n_passes: int, chash: str) -> tuple[int, int]:
+    """Stream contexts ``[cursor:]`` through ``pass_models`` into ``st``, folding every
+    ``accumulate`` kept tokens and checkpointing (only right after a fold, so a checkpoint
+    never holds half a fold). Returns the final (cursor, kept tokens)."""
+    n_ctx = contexts.shape[0]
+    since = 0
+    pending: list = []  # forward batches not yet folded in
+    n_pending = 0
+    with progress(f"correlate pass {pass_index + 1}/{n_passes}", total=n_ctx * ctx) as bar:
+        bar.advance(cursor * ctx)
+        stream = activation_stream(pass_models, contexts, special, batch_size=cfg.batch_size,
+                                   start=cursor, mask=mask, device=cfg.device)
+        for batch in stream:
+            pending.append(batch)
+            n_pending += batch.n
+            since += batch.n_contexts * ctx
+            bar.advance(batch.n_contexts * ctx)
+            last = batch.start + batch.n_contexts >= n_ctx
+            if n_pending < accumulate and not last:
+                continue
+            acts = [torch.cat([b.acts[j] for b in pending]) for j in range(len(need))]
+            _fold(acts, need, st, shapes, cdtype)
+            cursor = pending[-1].start + pending[-1].n_contexts
+            if pass_index == 0:
+                kept += n_pending
+            pending, n_pending = [], 0
+            if since >= cfg.checkpoint_tokens and not last:
+                _save_checkpoint(run, st, {"config_hash": chash, "pass": pass_index,
+                                           "cursor": cursor, "kept_tokens": kept})
+                since = 0
+    return cursor, kept
 
 
 @torch.inference_mode()

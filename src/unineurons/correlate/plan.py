@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 
 from ..errors import UnineuronsError
 
-__all__ = ["ModelShape", "Unit", "Plan", "plan_units", "parse_bytes", "fmt_bytes"]
+__all__ = ["ModelShape", "Unit", "Plan", "plan_units", "stream_bytes", "parse_bytes", "fmt_bytes",
+           "flops_per_token"]
 
 F64 = 8
 
@@ -42,10 +43,19 @@ def fmt_bytes(n: float) -> str:
 class ModelShape:
     n_layers: int
     d_mlp: int
+    n_params: int = 0  #: parameter count (weights memory and forward FLOPs); 0 if unknown
 
     @property
     def n(self) -> int:
         return self.n_layers * self.d_mlp
+
+
+def stream_bytes(shapes: list[ModelShape], buffered_tokens: int, compute_bytes: int = 4,
+                 weight_bytes: int = 4) -> int:
+    """Memory that scales with the batch, not the tokens: per model its weights, the buffered
+    float32 activations ``[buffered, L*d]`` and their shifted copy in the compute dtype."""
+    return sum(buffered_tokens * s.n * (4 + compute_bytes) + s.n_params * weight_bytes
+               for s in shapes)
 
 
 @dataclass(frozen=True)
@@ -103,13 +113,11 @@ def pair_list(n_models: int, mode: str) -> list[tuple[int, int, bool]]:
     raise UnineuronsError(f"--pairs must be reference or all, not {mode!r}")
 
 
-def plan_units(shapes: list[ModelShape], mode: str, budget: int, batch_tokens: int,
+def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
                ceiling: bool = True) -> Plan:
-    """Split and pack the needed blocks into passes that fit ``budget`` bytes."""
+    """Split and pack the needed blocks into passes that fit ``budget`` bytes, given the
+    batch-scaled memory ``stream`` (see :func:`stream_bytes`)."""
     persistent = sum(s.n_layers * s.d_mlp * s.d_mlp * F64 + 4 * s.n * F64 for s in shapes)
-    # per model: the captured activations, their float32 centred copy, and the model's own
-    # forward buffers (roughly the same again)
-    stream = sum(3 * batch_tokens * s.n * 4 for s in shapes)
     avail = budget - persistent - stream
     need = [(a, b, cd, "pair") for a, b, cd in pair_list(len(shapes), mode)]
     if ceiling:
@@ -123,8 +131,8 @@ def plan_units(shapes: list[ModelShape], mode: str, budget: int, batch_tokens: i
             raise UnineuronsError(
                 f"memory budget {fmt_bytes(budget)} is too small: one layer of model {a} against "
                 f"model {b} needs {fmt_bytes(layer_bytes)} on top of {fmt_bytes(persistent)} of "
-                f"within-layer covariances and {fmt_bytes(stream)} of batch buffers; raise "
-                "--memory-budget or lower --batch-size"
+                f"within-layer covariances and {fmt_bytes(stream)} of weights and batch buffers; "
+                "raise --memory-budget, or lower --batch-size or --accumulate-tokens"
             )
         per_unit = max(1, min(sa.n_layers, avail // layer_bytes))
         for l0 in range(0, sa.n_layers, per_unit):
@@ -144,3 +152,14 @@ def plan_units(shapes: list[ModelShape], mode: str, budget: int, batch_tokens: i
         p.sort(key=lambda u: (u.kind != "pair", u.a, u.b, u.l0))
     return Plan(passes=passes, pass_bytes=loads, persistent_bytes=persistent,
                 stream_bytes=stream, budget=budget)
+
+
+def flops_per_token(shapes: list[ModelShape], plan: Plan) -> dict[str, float]:
+    """Multiply-add FLOPs per streamed token: forward passes, co-moment GEMMs, layer covariances."""
+    forward = sum(2.0 * s.n_params for s in shapes)
+    blocks = sum(2.0 * u.nbytes(shapes) / F64 for p in plan.passes for u in p)
+    layer = sum(2.0 * s.n_layers * s.d_mlp * s.d_mlp for s in shapes)
+    # every pass streams the tokens again: forward passes repeat, blocks do not
+    n_passes = max(1, len(plan.passes))
+    return {"forward": forward * n_passes, "comoments": blocks, "layer_cov": layer,
+            "total": forward * n_passes + blocks + layer}

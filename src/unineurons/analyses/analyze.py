@@ -1,0 +1,363 @@
+"""``unineurons analyze``: per-neuron statistics, top contexts, families, properties.
+
+One pass over the tokens feeds every model of the run (``activation_stream`` with
+pre-activations) into its accumulators: :class:`~unineurons.accumulators.Moments` of the
+activation and the pre-activation and :class:`~unineurons.accumulators.TopK` on every neuron,
+and the family statistics (:mod:`unineurons.analyses.families`) on a neuron subset. Then the
+weight-based analyses (:mod:`unineurons.analyses.weights`, ``vocab``, ``roles``) add theirs.
+
+Writes to the run directory (docs/tables.md): ``neurons.parquet`` columns, and the tables
+``top_contexts``, ``families``, ``properties`` (universal vs other neurons, z-scored), plus the
+weight stage's ``vocab``, ``entropy`` and ``attention``. Usage::
+
+    analyze_run("RUN", AnalyzeConfig())                              # a correlate run
+    analyze_models(["model/"], "RUN", AnalyzeConfig(tokens="store/"))  # one model, no partners
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..accumulators import Moments, TopK
+from ..errors import UnineuronsError
+from ..features import Vocabulary, get_features, load_feature_module, token_class_from_file
+from ..models.adapters import parse_neuron
+from ..models.load import LoadedModel, load_model, load_tokenizer
+from ..progress import progress
+from ..rundir import RunDir
+from ..stream import MaskConfig, activation_stream
+from .analyze_tables import properties_table, summary_counts, top_contexts_table, write_arrow_rows
+from .families import (
+    FamilyFeatures,
+    FamilyStats,
+    assign_families,
+    build_family_features,
+    family_duplicates,
+)
+from .interventions import load_run_model, run_contexts, run_model_entries, write_model_rows
+from .roles import RoleConfig, assign_roles, entropy_and_attention
+
+__all__ = ["AnalyzeConfig", "AnalyzeResult", "analyze", "analyze_run", "analyze_models",
+           "select_neurons", "STAT_COLUMNS"]
+
+#: The activation-statistics columns this stage adds to neurons.parquet.
+STAT_COLUMNS = ["act_mean", "act_var", "act_skew", "act_kurt", "act_max", "act_freq",
+                "pre_mean", "pre_var", "pre_skew", "pre_kurt"]
+
+
+class AnalyzeConfig(BaseModel):
+    """Per-neuron analyses of a run: statistics, top contexts, families, properties."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tokens: str | None = Field(None, description="Token store folder; default: the run's own.")
+    n_tokens: int | None = Field(None, ge=1, description="Use the first ceil(N / ctx) contexts; "
+                                 "default: the run's token count (all of another store).")
+    neurons: str = Field("auto", description="Neurons for the family statistics: 'universal' "
+                         "(universal ones plus as many seeded random others), 'all', a FILE of "
+                         "addresses (L3.N12, one per line), or 'auto' (universal when the run has "
+                         "universality, else all up to max_neurons, else a seeded sample).")
+    max_neurons: int = Field(50_000, ge=1, description="'auto' without universality: sample this "
+                             "many neurons per model when it has more.")
+    batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
+    top_k: int = Field(10, ge=1, description="Top activating tokens kept per neuron.")
+    window_before: int = Field(24, ge=0, description="Tokens before the top token in its window.")
+    window_after: int = Field(8, ge=0, description="Tokens after the top token in its window.")
+    unigram_top_n: int = Field(256, ge=1, description="Unigram / previous-token features: the N "
+                               "most frequent tokens of the tokens analysed.")
+    features: tuple[str, ...] | None = Field(None, description="Library features of the 'class' "
+                                             "family; default: every registered one.")
+    token_classes: tuple[str, ...] = Field((), description="Text files, one token per line: extra "
+                                           "'class' features named after the file.")
+    feature_modules: tuple[str, ...] = Field((), description="Python files registering features "
+                                             "with @register_feature / @register_token_class.")
+    vr_threshold: float = Field(0.5, ge=0, le=1, description="A unigram / previous / alphabet / "
+                                "class family needs variance reduction >= this.")
+    position_threshold: float = Field(0.3, ge=0, le=1, description="A position family needs "
+                                      "I(fires; position) / H(fires) >= this.")
+    n_ranked: int = Field(3, ge=1, description="Best features per neuron in families.parquet.")
+    vocab_k: int = Field(20, ge=1, description="Tokens per neuron, side and direction in "
+                         "vocab.parquet (highest / lowest cosine).")
+    seed: int = Field(0, description="Seed of the neuron samples.")
+    device: str = Field("cpu", description="cpu or cuda[:i].")
+    roles: RoleConfig = Field(RoleConfig(), description="Functional roles: thresholds and the "
+                              "entropy / attention analyses (analyses.roles).")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not (v == "cpu" or v.startswith("cuda")):
+            raise ValueError(f"device must be cpu or cuda[:i], not {v!r}")
+        return v
+
+    @field_validator("neurons")
+    @classmethod
+    def _neurons(cls, v: str) -> str:
+        if v not in ("auto", "universal", "all") and not Path(v).is_file():
+            raise ValueError(f"neurons must be auto, universal, all or an existing file; {v!r} "
+                             "is none of these")
+        return v
+
+
+@dataclass
+class AnalyzeResult:
+    """What :func:`analyze` wrote, for the CLI's summary."""
+
+    neurons: pd.DataFrame  #: the updated neurons table (all models of the run)
+    families: pd.DataFrame  #: neuron counts per family, universal and other
+    roles: pd.DataFrame | None  #: neuron counts per role, when roles were assigned
+    properties: pd.DataFrame | None  #: universal vs other z-scores; None without universality
+    notes: list[str] = field(default_factory=list)  #: what was skipped and why
+
+
+def select_neurons(model: str, n_layers: int, d_mlp: int, choice: str, table: pd.DataFrame | None,
+                   max_neurons: int = 50_000, seed: int = 0) -> np.ndarray:
+    """Flat neuron indices (``layer * d_mlp + neuron``, sorted) of the family statistics.
+
+    ``table`` holds the model's rows of neurons.parquet (with ``is_universal`` after correlate).
+    The random sample depends on ``seed`` and the model spec only.
+    """
+    n = n_layers * d_mlp
+    rng = np.random.default_rng([seed, zlib.crc32(model.encode())])
+    has_univ = (table is not None and "is_universal" in table.columns
+                and bool(table["is_universal"].notna().any()))
+    if choice == "all":
+        return np.arange(n)
+    if choice == "universal" or (choice == "auto" and has_univ):
+        if not has_univ:
+            raise UnineuronsError(f"model {model}: the run has no universality (is_universal) "
+                                  "columns; use --neurons all or run `unineurons correlate` first")
+        univ = table[table["is_universal"].fillna(False).astype(bool)]
+        flat = (univ["layer"].to_numpy() * d_mlp + univ["neuron"].to_numpy()).astype(np.int64)
+        rest = np.setdiff1d(np.arange(n), flat)
+        extra = rng.choice(rest, size=min(len(flat), len(rest)), replace=False)
+        return np.sort(np.concatenate([flat, extra]))
+    if choice == "auto":
+        if n <= max_neurons:
+            return np.arange(n)
+        return np.sort(rng.choice(n, max_neurons, replace=False))
+    flat = []
+    for line in Path(choice).read_text().splitlines():
+        if not line.strip():
+            continue
+        layer, idx = parse_neuron(line)
+        if not (0 <= layer < n_layers and 0 <= idx < d_mlp):
+            raise UnineuronsError(f"neuron {line.strip()} in {choice} is outside model {model} "
+                                  f"({n_layers} layers x {d_mlp} neurons)")
+        flat.append(layer * d_mlp + idx)
+    return np.unique(np.array(flat, dtype=np.int64))
+
+
+@dataclass
+class _ModelAcc:
+    act: Moments
+    pre: Moments
+    top: TopK
+    subset: torch.Tensor  #: [d_sub] flat indices of the family statistics
+    fam: FamilyStats | None
+
+
+def _stream_pass(models: Sequence[LoadedModel], contexts: np.ndarray, special: dict,
+                 feats: FamilyFeatures, subsets: Sequence[np.ndarray], cfg: AnalyzeConfig,
+                 mask: MaskConfig) -> list[_ModelAcc]:
+    """The one pass over the tokens: every model's accumulators, fed batch by batch."""
+    dev = torch.device(cfg.device)
+    ctx = contexts.shape[1]
+    accs = []
+    for m, sub in zip(models, subsets, strict=True):
+        n = m.adapter.n_layers * m.adapter.d_mlp
+        accs.append(_ModelAcc(
+            act=Moments(n, device=dev), pre=Moments(n, device=dev), top=TopK(n, cfg.top_k, dev),
+            subset=torch.from_numpy(sub).to(dev),
+            fam=FamilyStats(feats, len(sub), ctx, dev) if len(sub) else None))
+    with progress("analyze", contexts.shape[0] * ctx, unit="tokens") as bar:
+        for batch in activation_stream(models, contexts, special, batch_size=cfg.batch_size,
+                                       mask=mask, pre_activation=True, device=dev):
+            labels = None  # the features of the batch: the same for every model
+            for acc, a, p in zip(accs, batch.acts, batch.pre_acts or [], strict=True):
+                acc.act.update(a)  # a, p: [n, L*d_mlp]
+                acc.pre.update(p)
+                acc.top.update(a, batch.rows, batch.positions)
+                if acc.fam is not None:
+                    if labels is None:
+                        labels = acc.fam.batch_labels(batch)
+                    acc.fam.update(a[:, acc.subset], p[:, acc.subset] > 0, labels,
+                                   batch.positions)
+            bar.advance(batch.n_contexts * ctx)
+    return accs
+
+
+def _model_columns(m: LoadedModel, acc: _ModelAcc, feats: FamilyFeatures, cfg: AnalyzeConfig
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(neurons.parquet columns of every neuron, families.parquet rows of the subset)."""
+    L, D = m.adapter.n_layers, m.adapter.d_mlp
+    ra = {k: v.cpu().numpy() for k, v in acc.act.result().items()}
+    rp = {k: v.cpu().numpy() for k, v in acc.pre.result().items()}
+    df = pd.DataFrame({"model": m.name, "layer": np.repeat(np.arange(L), D),
+                       "neuron": np.tile(np.arange(D), L)})
+    for s in ("mean", "var", "skew", "kurt"):
+        df[f"act_{s}"] = ra[s]
+    df["act_max"] = ra["max"]
+    df["act_freq"] = rp["freq"]  # share of tokens with pre-activation > 0
+    for s in ("mean", "var", "skew", "kurt"):
+        df[f"pre_{s}"] = rp[s]
+    df["family"] = pd.Series([None] * len(df), dtype=object)
+    df["family_feature"] = pd.Series([None] * len(df), dtype=object)
+    df["family_score"] = np.nan
+    df["position_score"] = np.nan
+    if acc.fam is None:
+        return df, pd.DataFrame()
+    vr, pos = acc.fam.scores()
+    cols, ranked = assign_families(vr, pos, feats.names(), feats.token_ids(), cfg.vr_threshold,
+                                   cfg.position_threshold, cfg.n_ranked)
+    sub = acc.subset.cpu().numpy()
+    for c in cols.columns:
+        df.loc[sub, c] = cols[c].to_numpy()
+    flat = sub[ranked.pop("idx").to_numpy()]
+    ranked.insert(0, "model", m.name)
+    ranked.insert(1, "layer", flat // D)
+    ranked.insert(2, "neuron", flat % D)
+    return df, ranked
+
+
+def _vocabulary(special: dict, models: Sequence[LoadedModel]) -> tuple[Vocabulary, Any]:
+    """Decoded strings of the token store's tokenizer (a model's if that one is gone), and
+    that tokenizer."""
+    size = max([int(special.get("vocab_size") or 0)] + [m.adapter.vocab_size for m in models])
+    specials = [special.get(k) for k in ("bos_id", "eos_id", "pad_id")]
+    for src in [special.get("path")] + [m.name for m in models]:
+        if not src:
+            continue
+        try:
+            tok = load_tokenizer(str(src))
+        except UnineuronsError:
+            continue
+        return Vocabulary.from_tokenizer(tok, size, specials), tok
+    raise UnineuronsError("no tokenizer found to decode tokens: the token store's tokenizer "
+                          f"({special.get('path')}) and the models' folders have none; restore "
+                          "the tokenizer folder the token store was built with")
+
+
+def _mask(run: RunDir) -> MaskConfig:
+    """The run's correlate token mask, so statistics see the positions correlations saw."""
+    c = (run.manifest().get("correlate") or {}).get("config") or {}
+    return MaskConfig(**{k: bool(c[k]) for k in ("drop_bos", "drop_eos", "drop_pad",
+                                                 "drop_newline") if k in c})
+
+
+def _weight_stage(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray,
+                  special: dict, tokenizer: Any, subsets: Sequence[np.ndarray],
+                  cfg: AnalyzeConfig) -> pd.DataFrame:
+    """The weight-based analyses (analyses.weights, vocab, roles): weight columns for every
+    neuron; vocabulary tokens, entropy and attention analyses for the subset; then roles."""
+    from .vocab import vocab_table
+    from .weights import weight_columns
+
+    run.update_neurons(pd.concat([weight_columns(m) for m in models], ignore_index=True))
+    vocab_rows, role_cols, ent_rows, att_rows = [], [], [], []
+    for m, sub in zip(models, subsets, strict=True):
+        d = m.adapter.d_mlp
+        pairs = [(int(i) // d, int(i) % d) for i in sub]
+        if not pairs:
+            continue
+        vocab_rows.append(vocab_table(m, tokenizer, pairs, k=cfg.vocab_k))
+        keys = pd.DataFrame({"model": m.name, "layer": sub // d, "neuron": sub % d})
+        cols, ent, att = entropy_and_attention(m, contexts, special, keys, cfg.roles)
+        role_cols.append(cols)
+        ent_rows.append(ent)
+        att_rows.append(att)
+    for name, rows in (("vocab", vocab_rows), ("entropy", ent_rows), ("attention", att_rows)):
+        if rows:
+            write_model_rows(run, name, pd.concat(rows, ignore_index=True))
+    if role_cols:
+        run.update_neurons(pd.concat(role_cols, ignore_index=True))
+    neurons = run.read_table("neurons")
+    mine = neurons["model"].isin([m.name for m in models])
+    roles = assign_roles(neurons[mine], cfg.roles)  # after entropy / attention: it uses them
+    return run.update_neurons(neurons.loc[mine, ["model", "layer", "neuron"]].assign(role=roles))
+
+
+def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, special: dict,
+            tokens_info: dict, cfg: AnalyzeConfig) -> AnalyzeResult:
+    """Run every analysis of ``models`` on ``contexts`` and write it into ``run``."""
+    t0 = time.perf_counter()
+    notes: list[str] = []
+    mask = _mask(run)
+    for path in cfg.feature_modules:
+        load_feature_module(path)
+    classes = get_features(cfg.features, [token_class_from_file(p) for p in cfg.token_classes])
+    vocab, tokenizer = _vocabulary(special, models)
+    feats = build_family_features(contexts, special, vocab, cfg.unigram_top_n, classes, mask)
+    table = run.read_table("neurons") if run.has_table("neurons") else None
+    subsets = [select_neurons(m.name, m.adapter.n_layers, m.adapter.d_mlp, cfg.neurons,
+                              None if table is None else table[table["model"] == m.name],
+                              cfg.max_neurons, cfg.seed) for m in models]
+    accs = _stream_pass(models, contexts, special, feats, subsets, cfg, mask)
+
+    cols, ranked, tops = [], [], []
+    for m, acc in zip(models, accs, strict=True):
+        c, r = _model_columns(m, acc, feats, cfg)
+        cols.append(c)
+        ranked.append(r)
+        tops.append(top_contexts_table(m.name, m.adapter.d_mlp, acc.top.result(), contexts,
+                                       vocab, cfg.window_before, cfg.window_after))
+    new = pd.concat(cols, ignore_index=True)
+    new["family_duplicates"] = family_duplicates(new)
+    neurons = run.update_neurons(new)
+    write_model_rows(run, "families", pd.concat(ranked, ignore_index=True))
+    write_arrow_rows(run, "top_contexts", tops)
+
+    neurons = _weight_stage(run, models, contexts, special, tokenizer, subsets, cfg)
+    specs = [m.name for m in models]
+    mine = neurons[neurons["model"].isin(specs)]
+    props = properties_table(mine)
+    if props is None:
+        notes.append("properties.parquet skipped: the run has no universality (is_universal) "
+                     "column; run `unineurons correlate` to compare universal and other neurons")
+    else:
+        write_model_rows(run, "properties", props)
+    run.update_manifest(analyze={
+        "config": cfg.model_dump(mode="json"), "models": specs, "tokens": tokens_info,
+        "mask": vars(mask), "unigram_tokens": [int(i) for i in feats.unigram_ids],
+        "class_features": [f.name for f in classes],
+        "n_family_neurons": {m.name: int(len(s)) for m, s in zip(models, subsets, strict=True)},
+        "notes": notes, "elapsed_s": round(time.perf_counter() - t0, 3)})
+    roles = summary_counts(mine, "role") if "role" in mine.columns else None
+    return AnalyzeResult(neurons=neurons, families=summary_counts(mine, "family"), roles=roles,
+                         properties=props, notes=notes)
+
+
+def analyze_run(run_path: str | Path, cfg: AnalyzeConfig, models: Sequence[str] | None = None
+                ) -> AnalyzeResult:
+    """Analyze the models of a correlate run (all, or the ``models`` named), on its tokens."""
+    run = RunDir.open(run_path)
+    entries = run_model_entries(run, models)
+    contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
+    loaded = [load_run_model(e, cfg.device) for e in entries]
+    return analyze(run, loaded, contexts, special, info, cfg)
+
+
+def analyze_models(specs: Sequence[str], out: str | Path, cfg: AnalyzeConfig) -> AnalyzeResult:
+    """Analyze models on their own (no partners, so no universality) into run ``out``."""
+    if cfg.tokens is None:
+        raise UnineuronsError("analyze --model needs --tokens DIR: the token store to stream")
+    if not specs:
+        raise UnineuronsError("analyze needs a run directory or at least one --model")
+    run = RunDir.create(out)
+    contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
+    loaded = [load_model(s, device=cfg.device) for s in specs]
+    entries = [e for e in run.manifest().get("models") or [] if e["spec"] not in specs]
+    entries += [{"spec": m.name, "location": m.spec.location, "revision": m.spec.revision,
+                 "weights_sha256": m.weights_sha256, **m.info} for m in loaded]
+    run.update_manifest(models=entries, tokens=info)
+    return analyze(run, loaded, contexts, special, info, cfg)

@@ -1,0 +1,91 @@
+"""``unineurons zoo ...``: train a seed family of small GPT-2 models and inspect it.
+
+Thin wrappers over :mod:`unineurons.zoo`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+zoo_app = typer.Typer(help="Train and inspect seed zoos: K small GPT-2 models that differ only "
+                      "in their seed, with checkpoints.", no_args_is_help=True)
+
+
+@zoo_app.command("train")
+def zoo_train(
+    tokens: Path = typer.Option(..., "--tokens", help="Training token store folder "
+                                "(`unineurons tokens build`); its tokenizer sets the vocabulary "
+                                "and its ctx the model's positions."),
+    out: Path = typer.Option(..., "--out", help="Zoo folder to write: new, empty, or a zoo made "
+                             "with the same settings (which is then resumed or extended)."),
+    heldout: Path | None = typer.Option(None, "--heldout", help="Held-out token store (same "
+                                        "tokenizer) for the held-out loss; none: train loss only."),
+    preset: str = typer.Option("tiny", "--preset", help="Model shape and training defaults: "
+                               "micro (tests), tiny (demo), small (research)."),
+    seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated distinct seeds; each "
+                              "sets both the initial weights and the data order of one model."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimizer steps per seed "
+                                     "[default: the preset's]."),
+    checkpoints: str | None = typer.Option(None, "--checkpoints", help="Comma-separated steps "
+                                           "to save (1..--steps); the last step is always saved "
+                                           "[default: 1/8, 1/4, 1/2 and all of --steps]."),
+    workers: int | None = typer.Option(None, "--workers", help="Seeds trained at once, one process "
+                                       "and one CPU thread each [default: min(seeds, CPUs)]."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak AdamW learning rate "
+                                    "[default: the preset's]."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Contexts per step "
+                                          "[default: the preset's]."),
+    ctx: int | None = typer.Option(None, "--ctx", help="Train on the first CTX tokens of each "
+                                   "row [default: the token store's ctx]."),
+    eval_every: int | None = typer.Option(None, "--eval-every", help="Held-out loss every N "
+                                          "steps and at each checkpoint [default: the preset's]."),
+) -> None:
+    """Train one GPT-2 per seed; rerunning the same command resumes from the last checkpoints."""
+    from ..zoo import parse_int_list, train_zoo, zoo_info
+    from . import console
+
+    seed_list = parse_int_list(seeds, "--seeds")
+    ckpt_list = None if checkpoints is None else parse_int_list(checkpoints, "--checkpoints")
+    path = train_zoo(tokens, out, preset=preset, seeds=seed_list, steps=steps,
+                     checkpoints=ckpt_list, heldout=heldout, workers=workers, lr=lr,
+                     batch_size=batch_size, ctx=ctx, eval_every=eval_every)
+    _print_info(zoo_info(path), console)
+
+
+@zoo_app.command("info")
+def zoo_info_cmd(
+    zoo: Path = typer.Argument(..., help="Zoo folder (made by `unineurons zoo train`)."),
+) -> None:
+    """List a zoo's seeds, their checkpoints and their last train / held-out losses."""
+    from ..zoo import zoo_info
+    from . import console
+
+    _print_info(zoo_info(zoo), console)
+
+
+def _print_info(info: dict, console) -> None:
+    from rich.table import Table
+
+    cfg = info["config"]
+    console.print(
+        f"zoo {info['preset']}: {cfg['n_layer']} layers x {cfg['n_inner']} neurons "
+        f"(d_model {cfg['n_embd']}), ctx {info['ctx']}, vocab {info['vocab_size']}, "
+        f"{info['steps']} steps of {cfg['batch_size']} x {info['ctx']} tokens; "
+        f"tokens {info['tokens']}", highlight=False, soft_wrap=True)
+    table = Table("seed", "step", "checkpoints", "train loss", "held-out loss", "train time")
+
+    def fmt(x, spec=".3f"):
+        return "-" if x is None else format(x, spec)
+
+    for seed, s in info["per_seed"].items():
+        table.add_row(str(seed), f"{s['step']}/{info['steps']}",
+                      ",".join(map(str, s["checkpoints"])) or "-", fmt(s["train_loss"]),
+                      fmt(s["heldout_loss"]), fmt(s["elapsed_s"], ".0f") + " s")
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``zoo`` command group to ``app``."""
+    app.add_typer(zoo_app, name="zoo")

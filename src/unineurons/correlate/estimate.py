@@ -1,0 +1,83 @@
+"""Plan a big correlate run from model configs alone: memory, passes, FLOPs and time.
+
+No weights are downloaded: shapes and parameter counts come from each model's config (the
+model is instantiated on PyTorch's ``meta`` device, which allocates nothing).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UnineuronsError
+from .config import CorrelateConfig
+from .engine import plan_for
+from .plan import ModelShape, Plan, flops_per_token
+
+__all__ = ["shape_from_config", "measure_matmul_rate", "estimate", "Estimate"]
+
+
+def shape_from_config(spec: str) -> ModelShape:
+    """Layers, MLP width and parameter count of a model spec, from its config only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..models.adapters import ARCHITECTURES
+    from ..models.load import parse_model_spec
+
+    ms = parse_model_spec(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(ms.location, revision=ms.revision)
+    except Exception as e:
+        raise UnineuronsError(f"model {spec}: cannot read its config ({type(e).__name__}); offline and "
+                              "not cached, or no such model") from None
+    if cfg.model_type not in ARCHITECTURES:
+        raise UnineuronsError(f"model {spec}: architecture {cfg.model_type!r} is not supported; "
+                              f"supported: {', '.join(sorted(ARCHITECTURES))}")
+    if cfg.model_type == "gpt2":
+        n_layers, d_mlp = cfg.n_layer, cfg.n_inner or 4 * cfg.n_embd
+    else:
+        n_layers, d_mlp = cfg.num_hidden_layers, cfg.intermediate_size
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    return ModelShape(int(n_layers), int(d_mlp), int(n_params))
+
+
+def measure_matmul_rate(n: int = 1024, seconds: float = 1.0) -> float:
+    """fp32 GEMM FLOP/s of this machine, measured now on square ``n`` x ``n`` products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2.0 * n**3 * reps / (time.perf_counter() - t0)
+
+
+@dataclass
+class Estimate:
+    shapes: list[ModelShape]
+    plan: Plan
+    flops: dict[str, float]  #: per token
+    n_tokens: int
+    rate: float  #: FLOP/s used for the time
+    workers: int
+
+    @property
+    def total_flops(self) -> float:
+        return self.flops["total"] * self.n_tokens
+
+    @property
+    def seconds(self) -> float:
+        return self.total_flops / (self.rate * self.workers)
+
+
+def estimate(cfg: CorrelateConfig, n_tokens: int, ctx: int, rate: float | None = None,
+             workers: int = 1) -> Estimate:
+    """The plan and cost of ``cfg`` over ``n_tokens`` tokens of contexts of ``ctx``."""
+    shapes = [shape_from_config(m) for m in cfg.models]
+    plan = plan_for(cfg, shapes, ctx)
+    return Estimate(shapes, plan, flops_per_token(shapes, plan), n_tokens,
+                    rate if rate else measure_matmul_rate(), max(1, workers))

@@ -1,0 +1,391 @@
+"""Figures of effects and training dynamics: family examples (Gurnee et al. fig. 4), entropy
+interventions (fig. 7), group ablations (Nandan et al. fig. 3-5) and the emergence and
+persistence of universal neurons over training (Nandan et al. fig. 1-2)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from .figures import (
+    PALETTE,
+    SET_COLORS,
+    Drawn,
+    Skip,
+    Tables,
+    figure,
+    layer_axis,
+    new_figure,
+    token_label,
+)
+
+__all__ = ["family_examples", "intervention_curves", "ablation_summary", "dynamics_columns",
+           "persistence_matrix", "EXAMPLE_FAMILIES"]
+
+EXAMPLE_FAMILIES = ["unigram", "previous", "alphabet", "position"]
+
+
+def family_examples(t: Tables) -> list[dict]:
+    """Per family of :data:`EXAMPLE_FAMILIES`, the reference neuron of that family with the
+    highest ``family_score`` (universal ones first) that has top contexts, with its top
+    activations: dicts ``family, layer, neuron, feature, score, universal, top`` where ``top``
+    holds ``rank, value, position, token`` and ``holds`` (the feature is true on the activating
+    token; for ``position`` the token's position)."""
+    ref = t.reference
+    n = t.neurons_of(ref, ["family", "family_feature"])
+    tc = t["top_contexts"]
+    tc = tc[tc["model"] == ref]
+    fams = t.get("families")
+    out = []
+    for fam in EXAMPLE_FAMILIES:
+        cand = n[n["family"] == fam].copy()
+        if cand.empty:
+            continue
+        cand["_u"] = cand["is_universal"].fillna(False).astype(bool) if "is_universal" in cand \
+            else False
+        cand = cand.sort_values(["_u", "family_score"], ascending=False)
+        for r in cand.itertuples():
+            top = tc[(tc["layer"] == r.layer) & (tc["neuron"] == r.neuron)].sort_values("rank")
+            if top.empty:
+                continue
+            out.append({"family": fam, "layer": int(r.layer), "neuron": int(r.neuron),
+                        "feature": r.family_feature, "score": float(r.family_score),
+                        "universal": bool(r._u), "top": _holds(fam, r, top, fams, ref)})
+            break
+    return out
+
+
+def _holds(fam: str, r, top: pd.DataFrame, fams: pd.DataFrame | None, ref: str) -> pd.DataFrame:
+    """The top contexts of neuron ``r`` with the activating token and whether ``fam``'s
+    feature holds there."""
+    rows = []
+    feature = str(r.family_feature)
+    tid = -1
+    if fams is not None and fam in ("unigram", "previous"):
+        f = fams[(fams["model"] == ref) & (fams["layer"] == r.layer) & (fams["neuron"] == r.neuron)
+                 & (fams["feature"] == feature)]
+        tid = int(f["token_id"].iloc[0]) if len(f) else -1
+    for c in top.itertuples():
+        i = int(c.position - c.window_start)  # the activating token's index in its window
+        ids, toks = list(c.window_ids), list(c.window_tokens)
+        holds: float | bool
+        if fam == "unigram":
+            holds = ids[i] == tid
+        elif fam == "previous":
+            holds = i > 0 and ids[i - 1] == tid
+        elif fam == "alphabet":
+            holds = str(toks[i]).lstrip().lower().startswith(feature.split("=", 1)[-1])
+        else:  # position: the feature is the position itself
+            holds = float(c.position)
+        rows.append({"rank": int(c.rank), "value": float(c.value), "position": int(c.position),
+                     "token": toks[i], "holds": holds})
+    return pd.DataFrame(rows)
+
+
+@figure("family_examples", "Example neurons of each family", "Families",
+        needs=["neurons", "top_contexts"])
+def _family_examples(t: Tables, opts: dict) -> Drawn:
+    ex = family_examples(t)
+    if not ex:
+        raise Skip(f"no neuron of {t.reference} in the unigram, previous, alphabet or position "
+                   "families has top contexts")
+    fig, axes = new_figure(len(ex), width=4.0, height=3.0, ncols=min(len(ex), 2))
+    parts = []
+    for ax, e in zip(axes, ex, strict=True):
+        top = e["top"]
+        name = f"L{e['layer']}.N{e['neuron']}" + (" (universal)" if e["universal"] else "")
+        if e["family"] == "position":
+            peak = int(str(e["feature"]).split("=")[-1])
+            ax.scatter(top["position"], top["value"], color=PALETTE[0], s=14)
+            ax.axvline(peak, color=PALETTE[3], ls="--", lw=0.8, label=f"peak firing position {peak}")
+            ax.set_xlabel("position of the top-activating token")
+            ax.legend()
+            parts.append(f"position: {name}, NMI {e['score']:.2f}, top {len(top)} activations "
+                         f"at positions {', '.join(str(p) for p in top['position'])}")
+        else:
+            holds = top["holds"].astype(bool)
+            ax.bar(top["rank"], top["value"], color=np.where(holds, PALETTE[3], PALETTE[5]))
+            ax.set_xticks(top["rank"], [token_label(s, 10) for s in top["token"]], rotation=60,
+                          fontsize=7)
+            ax.set_xlabel(f"top activating tokens (orange: {e['feature']})")
+            parts.append(f"{e['family']}: {name}, feature {e['feature']}, variance reduction "
+                         f"{e['score']:.2f}, {int(holds.sum())} of {len(top)} top activations on "
+                         "tokens with the feature")
+        ax.set_ylabel("activation")
+        ax.set_title(f"{e['family']}: {name}")
+    cap = (f"For each family, the neuron of {t.short(t.reference)} with the highest family score "
+           "(universal neurons first) and its top activations from top_contexts.parquet. "
+           + "; ".join(parts) + ".")
+    return Drawn(fig, cap)
+
+
+def intervention_curves(df: pd.DataFrame, x: str, metrics: list[str]) -> pd.DataFrame:
+    """Per (group, x): the metrics' mean, min and max. ``group`` is a target neuron's address,
+    or ``random`` for the random baseline neurons pooled. Columns: group, x, and
+    ``{m}``, ``{m}_min``, ``{m}_max`` per metric."""
+    df = df.copy()
+    if "address" not in df:
+        df["address"] = "L" + df["layer"].astype(str) + ".N" + df["neuron"].astype(str)
+    df["group"] = np.where(df["kind"] == "random", "random", df["address"])
+    g = df.groupby(["group", x], sort=True)[metrics]
+    out = g.mean()
+    for m in metrics:
+        out[f"{m}_min"] = g[m].min()
+        out[f"{m}_max"] = g[m].max()
+    return out.reset_index()
+
+
+def _curves(t: Tables, table: str, x: str, metrics: list[tuple[str, str]], xlabel: str,
+            what: str) -> Drawn:
+    df = t[table]
+    if df.empty:
+        raise Skip(f"{table}.parquet has no rows (no neuron was intervened on)")
+    model = t.reference if t.reference in set(df["model"]) else str(df["model"].iloc[0])
+    df = df[df["model"] == model].copy()
+    if x == "multiple":
+        df["multiple"] = df["value"] / df["scale"].where(df["scale"] != 0)
+    c = intervention_curves(df, x, [m for m, _ in metrics])
+    fig, axes = new_figure(len(metrics), width=3.9)
+    groups = [g for g in pd.unique(c["group"]) if g != "random"]
+    parts = []
+    for ax, (m, label) in zip(axes, metrics, strict=True):
+        for i, grp in enumerate(groups[:8]):
+            s = c[c["group"] == grp]
+            ax.plot(s[x], s[m], "-o", ms=3, color=PALETTE[(i + 3) % len(PALETTE)], label=grp)
+        r = c[c["group"] == "random"]
+        if len(r):
+            ax.plot(r[x], r[m], "--", color=SET_COLORS["random"], label="random (mean, range)")
+            ax.fill_between(r[x], r[f"{m}_min"], r[f"{m}_max"], color=SET_COLORS["random"],
+                            alpha=0.2, lw=0)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(label)
+        for grp in groups[:8] + (["random"] if len(r) else []):
+            s = c[c["group"] == grp].set_index(x)[m]
+            parts.append(f"{grp} {m}: " + ", ".join(f"{k:g}→{v:+.3g}" for k, v in s.items()))
+    axes[0].legend(fontsize=7)
+    cap = (f"{what} of {t.short(model)}, mean over the evaluated predictions, as a function of "
+           f"the activation value the neuron is fixed at ({xlabel}). " + "; ".join(parts) + ".")
+    return Drawn(fig, cap)
+
+
+@figure("entropy_interventions", "Entropy neurons: fixing the activation", "Interventions",
+        needs=["entropy"])
+def _entropy(t: Tables, opts: dict) -> Drawn:
+    return _curves(t, "entropy", "multiple",
+                   [("delta_entropy", "Δ entropy (nats)"), ("delta_loss", "Δ loss (nats)"),
+                    ("delta_final_norm_scale", "Δ final-norm scale")],
+                   "value / neuron's largest |activation|",
+                   "Change of next-token entropy, loss and final-norm scale when an entropy "
+                   "candidate (named) or a random late-layer neuron is fixed")
+
+
+@figure("interventions", "Single-neuron interventions", "Interventions", needs=["interventions"])
+def _interventions(t: Tables, opts: dict) -> Drawn:
+    return _curves(t, "interventions", "value",
+                   [("delta_entropy", "Δ entropy (nats)"), ("delta_loss", "Δ loss (nats)"),
+                    ("delta_final_norm_scale", "Δ final-norm scale")],
+                   "activation value",
+                   "Change of next-token entropy, loss and final-norm scale when a target neuron "
+                   "(named) or a random last-layer neuron is fixed")
+
+
+def ablation_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """:func:`unineurons.analyses.ablate.summarize` of the rows with neurons ablated."""
+    from ..analyses.ablate import summarize
+
+    return summarize(df[df["n_ablated"] > 0])
+
+
+@figure("ablation_curves", "Group ablations: loss vs neurons ablated", "Ablations",
+        needs=["ablations"])
+def _ablation_curves(t: Tables, opts: dict) -> Drawn:
+    from ..analyses.ablate import headline
+
+    raw = t["ablations"]
+    model = t.reference if t.reference in set(raw["model"]) else str(raw["model"].iloc[0])
+    s = ablation_summary(raw[raw["model"] == model])
+    s = s[s["layer"] == -1]
+    if s.empty:
+        raise Skip(f"ablations.parquet has no whole-model rows for {model}")
+    methods = list(pd.unique(s["method"]))
+    fig, axes = new_figure(len(methods), width=4.6)
+    parts = []
+    for ax, meth in zip(axes, methods, strict=True):
+        for name in ("universal", "non-universal", "random"):
+            g = s[(s["method"] == meth) & (s["set"] == name)].sort_values("n_ablated")
+            if g.empty:
+                continue
+            col = SET_COLORS[name]
+            ax.errorbar(g["n_ablated"], g["delta_loss"], yerr=g["delta_loss_std"], fmt="-o", ms=3,
+                        capsize=2, color=col, label=name + (" (mean ± sd)" if name == "random" else ""))
+            parts.append(f"{meth} {name}: " + ", ".join(
+                f"{x:g}→{y:+.3g}" + (f"±{e:.2g}" if d > 1 else "")
+                for x, y, e, d in zip(g["n_ablated"], g["delta_loss"], g["delta_loss_std"],
+                                      g["draws"], strict=True)))
+        ax.set_xscale("log", base=2)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_xlabel("neurons ablated (whole model)")
+        ax.set_ylabel("Δ loss (nats)")
+        ax.set_title(f"{meth} ablation: {t.short(model)}")
+        ax.legend()
+    cap = ("Increase of the next-token loss when the top-n universal neurons (by excess "
+           "correlation), the least universal neurons, or layer-matched random neurons are "
+           "ablated together (n → Δ loss; random: mean ± standard deviation over draws). "
+           + "; ".join(parts) + ". " + headline(raw[raw["model"] == model]))
+    return Drawn(fig, cap)
+
+
+@figure("ablation_efficiency", "Ablation efficiency", "Ablations", needs=["ablations"])
+def _ablation_efficiency(t: Tables, opts: dict) -> Drawn:
+    raw = t["ablations"]
+    model = t.reference if t.reference in set(raw["model"]) else str(raw["model"].iloc[0])
+    s = ablation_summary(raw[raw["model"] == model])
+    meth = str(s["method"].iloc[0]) if len(s) else "zero"
+    s = s[s["method"] == meth]
+    per_layer = s[s["layer"] >= 0]
+    fig, axes = new_figure(2 if len(per_layer) else 1, width=4.6)
+    parts = []
+    ax = axes[0]
+    whole = s[s["layer"] == -1]
+    for name in ("universal", "non-universal", "random"):
+        g = whole[whole["set"] == name].sort_values("n_ablated")
+        if len(g):
+            ax.plot(g["n_ablated"], g["efficiency"], "-o", ms=3, color=SET_COLORS[name], label=name)
+            parts.append(f"whole model {name}: " + ", ".join(
+                f"{x:g}→{y:.3g}" for x, y in zip(g["n_ablated"], g["efficiency"], strict=True)))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("neurons ablated")
+    ax.set_ylabel("Δ loss per ablated neuron (nats)")
+    ax.set_title(f"efficiency ({meth}): {t.short(model)}")
+    ax.legend()
+    notes = []
+    if len(per_layer):
+        b = axes[1]
+        # per layer, the largest size asked for there (the whole universal set for "all")
+        big = per_layer.loc[per_layer.groupby(["layer", "set"])["n_ablated"].idxmax()]
+        layers = sorted(big["layer"].unique())
+        sets = [x for x in ("universal", "non-universal", "random") if x in set(big["set"])]
+        w = 0.8 / len(sets)
+        for i, name in enumerate(sets):
+            g = big[big["set"] == name].set_index("layer").reindex(layers)
+            b.bar(np.array(layers) + (i - (len(sets) - 1) / 2) * w, g["efficiency"], width=w,
+                  color=SET_COLORS[name], label=name)
+            parts.append(f"per layer {name}: " + ", ".join(
+                f"L{lay} {e:.3g} (n={n:g})" for lay, e, n in
+                zip(layers, g["efficiency"], g["n_ablated"], strict=True) if not math.isnan(n)))
+        b.set_ylabel("Δ loss per ablated neuron (nats)")
+        b.set_title("per layer, largest set of each layer")
+        layer_axis(b, layers)
+        b.legend()
+    else:
+        notes.append("no per-layer ablations in the run (`unineurons ablate --per-layer`)")
+    cap = ("Ablation efficiency: loss increase divided by the number of neurons ablated (mean "
+           "over random draws). " + "; ".join(parts) + ".")
+    return Drawn(fig, cap, notes)
+
+
+def dynamics_columns(df: pd.DataFrame, **wanted: tuple[str, ...]) -> dict[str, str]:
+    """Map each wanted role (keyword) to the first of its candidate column names present."""
+    out = {}
+    for role, names in wanted.items():
+        hit = next((c for c in names if c in df.columns), None)
+        if hit is None:
+            raise Skip(f"the table has none of the columns {', '.join(names)}")
+        out[role] = hit
+    return out
+
+
+@figure("dynamics_emergence", "Universal neurons over training", "Training dynamics",
+        needs=["emergence"])
+def _emergence(t: Tables, opts: dict) -> Drawn:
+    e = t["emergence"]
+    c = dynamics_columns(e, step=("step",), share=("universal_share",))
+    layers = sorted(e["layer"].unique())
+    fig, (ax,) = new_figure(1, width=5.5)
+    parts = []
+    for i, lay in enumerate(layers):
+        g = e[e["layer"] == lay].sort_values(c["step"])
+        ax.plot(g[c["step"]], 100 * g[c["share"]], "-o", ms=3, color=PALETTE[i % len(PALETTE)],
+                label=f"L{lay}")
+        parts.append(f"L{lay}: " + ", ".join(f"{s:g}→{100 * v:.1f}%" for s, v in
+                                             zip(g[c["step"]], g[c["share"]], strict=True)))
+    ax.set_xlabel("training step")
+    ax.set_ylabel("universal neurons (% of layer)")
+    ax.legend(ncol=2)
+    cap = ("Share of each layer's neurons that are universal at each training checkpoint "
+           "(step → share): " + "; ".join(parts) + ".")
+    return Drawn(fig, cap)
+
+
+def persistence_matrix(p: pd.DataFrame, layer: int, c: dict[str, str]) -> pd.DataFrame:
+    """P_persist(t → t') of one layer as a steps × steps frame (NaN where not defined)."""
+    g = p[p["layer"] == layer]
+    steps = sorted(set(g[c["a"]]) | set(g[c["b"]]))
+    return g.pivot_table(index=c["a"], columns=c["b"], values=c["p"], dropna=False).reindex(
+        index=steps, columns=steps)
+
+
+@figure("dynamics_persistence", "Persistence of universal neurons", "Training dynamics",
+        needs=["persistence"])
+def _persistence(t: Tables, opts: dict) -> Drawn:
+    p = t["persistence"]
+    c = dynamics_columns(p, a=("step", "step_from", "from_step"),
+                         b=("later_step", "step_to", "to_step", "next_step"),
+                         p=("p_persist", "persistence"))
+    layers = sorted(p["layer"].unique())
+    fig, axes = new_figure(len(layers), width=3.3, height=3.0, ncols=min(len(layers), 4))
+    parts = []
+    im = None
+    for ax, lay in zip(axes, layers, strict=True):
+        m = persistence_matrix(p, lay, c)
+        im = ax.imshow(m.to_numpy(float), vmin=0, vmax=1, cmap="viridis", origin="upper")
+        ax.set_xticks(range(len(m.columns)), [f"{s:g}" for s in m.columns], rotation=60, fontsize=7)
+        ax.set_yticks(range(len(m.index)), [f"{s:g}" for s in m.index], fontsize=7)
+        ax.set_xlabel("later step t′")
+        ax.set_ylabel("step t")
+        ax.set_title(f"layer {lay}")
+        ax.grid(False)
+        last = m.columns[-1]
+        parts.append(f"L{lay} P(t → {last:g}): " + ", ".join(
+            f"{s:g} {v:.2f}" if not math.isnan(v) else f"{s:g} n/a" for s, v in m[last].items()))
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="P_persist = |U_t ∩ U_t′| / |U_t|")
+    cap = ("Share of the neurons universal at step t that are still universal at a later step t′ "
+           "(n/a: no universal neuron at t). " + "; ".join(parts) + ".")
+    return Drawn(fig, cap)
+
+
+@figure("dynamics_ablations", "Ablation effect over training", "Training dynamics",
+        needs=["dynamics_ablations"])
+def _dynamics_ablations(t: Tables, opts: dict) -> Drawn:
+    d = t["dynamics_ablations"]
+    d = d[(d["layer"] == -1) & (d["n_ablated"] > 0)]
+    if d.empty:
+        raise Skip("dynamics_ablations.parquet has no whole-model rows")
+    meth = str(d["method"].iloc[0])
+    d = d[d["method"] == meth]
+    # per step, the largest size that step's universal set reached
+    fig, (ax,) = new_figure(1, width=5.5)
+    parts = []
+    for name in ("universal", "non-universal", "random"):
+        rows = []
+        for step, g in d.groupby("step"):
+            size = g.loc[g["set"] == "universal", "n_requested"].max()
+            s = g[(g["set"] == name) & (g["n_requested"] == size)]
+            if len(s):
+                rows.append((step, s["delta_loss"].mean(), s["n_ablated"].mean()))
+        if rows:
+            st, dl, na = zip(*rows, strict=True)
+            ax.plot(st, dl, "-o", ms=3, color=SET_COLORS[name], label=name)
+            parts.append(f"{name}: " + ", ".join(f"step {s:g} n={n:g} {v:+.3g}"
+                                                 for s, v, n in rows))
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("Δ loss (nats)")
+    ax.set_title(f"{meth} ablation of the largest universal set per step")
+    ax.legend()
+    cap = ("Loss increase when each checkpoint's largest universal set, and sets of the same "
+           "size of non-universal and random neurons, are ablated. " + "; ".join(parts) + ".")
+    return Drawn(fig, cap)

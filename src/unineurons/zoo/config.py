@@ -1,0 +1,146 @@
+"""Zoo presets: the model shape and training hyper-parameters of a seed family.
+
+A :class:`ZooConfig` is everything that decides what a zoo's models become *except* the seed,
+the number of steps and the data: two zoos trained with equal configs, steps and token store
+hold bitwise-equal models seed for seed. Configs are frozen and validated on construction;
+presets are named configs, and overrides make a new config (:meth:`ZooConfig.from_preset`).
+
+Presets (tokens/s measured on a 2-core CPU, one thread per seed; see ``benchmarks/zoo_presets.py``
+and the tuning notes in :data:`PRESETS`):
+
+- ``micro``: 1 layer, width 32, for tests (a few steps train in well under a second);
+- ``tiny``: 2 layers, width 128, for the demo (5 seeds within about 8 minutes on 2 cores);
+- ``small``: 6 layers, width 384, for research runs (hours on a CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ..errors import UnineuronsError
+
+__all__ = ["ZooConfig", "PRESETS", "lr_at"]
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """Model shape and training hyper-parameters of a seed family (everything but the seed)."""
+
+    preset: str  #: the preset this config started from (recorded, not used in training)
+    # ---- model shape (HF GPT2Config names) -----------------------------------------------
+    n_layer: int  #: transformer blocks
+    n_embd: int  #: residual stream width (d_model)
+    n_head: int  #: attention heads; must divide n_embd
+    n_inner: int  #: MLP width (d_mlp): the number of neurons per layer
+    # ---- optimisation ----------------------------------------------------------------------
+    lr: float  #: peak learning rate of AdamW
+    batch_size: int  #: contexts per step (one step = batch_size x ctx tokens)
+    steps: int  #: default number of optimizer steps when none is given
+    warmup_frac: float = 0.05  #: linear warmup over this fraction of the steps (at least 1 step)
+    decay: Literal["cosine", "linear"] = "cosine"  #: shape of the decay after warmup
+    min_lr_ratio: float = 0.1  #: the decay ends at lr * min_lr_ratio on the last step
+    weight_decay: float = 0.1  #: AdamW decoupled weight decay, on matrices only (dim >= 2)
+    beta1: float = 0.9  #: AdamW beta1
+    beta2: float = 0.95  #: AdamW beta2 (0.95 rather than 0.999: steadier for short runs)
+    eps: float = 1e-8  #: AdamW epsilon
+    grad_clip: float = 1.0  #: clip the global gradient norm to this (0 = no clipping)
+    ctx: int | None = None  #: train on the first ctx tokens of each row; None = the store's ctx
+    # ---- bookkeeping -----------------------------------------------------------------------
+    log_every: int = 10  #: a metrics.jsonl row (mean train loss since the last row) every N steps
+    eval_every: int = 100  #: held-out loss every N steps (and at every checkpoint)
+    eval_contexts: int = 128  #: held-out loss on the first N contexts of the held-out store
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, what: str) -> None:
+            if not ok:
+                raise UnineuronsError(f"zoo config ({self.preset}): {what}")
+
+        for name in ("n_layer", "n_embd", "n_head", "n_inner", "batch_size", "steps",
+                     "log_every", "eval_every", "eval_contexts"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                 f"{name} must be a positive integer, got {v!r}")
+        need(self.n_embd % self.n_head == 0,
+             f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
+        need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(0 <= self.warmup_frac < 1, f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        need(self.decay in ("cosine", "linear"), f"decay must be cosine or linear, got {self.decay!r}")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        need(self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}")
+        need(self.ctx is None or (isinstance(self.ctx, int) and self.ctx >= 2),
+             f"ctx must be None or an integer >= 2, got {self.ctx!r}")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> ZooConfig:
+        """The preset ``name`` with ``overrides`` (field names of this class) applied."""
+        if name not in PRESETS:
+            raise UnineuronsError(
+                f"unknown zoo preset {name!r}; choose one of {', '.join(PRESETS)}"
+            )
+        fields = {f.name for f in dataclasses.fields(cls)} - {"preset"}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise UnineuronsError(
+                f"unknown zoo setting(s) {', '.join(unknown)}; settable: {', '.join(sorted(fields))}"
+            )
+        # None means "not given" (the CLI passes every option); ctx=None is the default anyway.
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return dataclasses.replace(PRESETS[name], **given)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (what zoo.json records)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ZooConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a newer zoo format)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise UnineuronsError(
+                f"zoo config has unknown field(s) {', '.join(unknown)}: made by a newer unineurons?"
+            )
+        return cls(**d)
+
+
+def lr_at(cfg: ZooConfig, step: int, total_steps: int) -> float:
+    """Learning rate for the update that takes the model from ``step`` to ``step + 1``.
+
+    Linear warmup from lr/warmup to lr over the warmup steps, then cosine (or linear) decay
+    that reaches ``lr * min_lr_ratio`` exactly at the last update. A pure function of the step,
+    so a resumed run needs no scheduler state.
+    """
+    warmup = max(1, round(cfg.warmup_frac * total_steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    span = max(1, total_steps - 1 - warmup)
+    frac = min(1.0, (step - warmup) / span)  # 0 right after warmup, 1 on the last update
+    if cfg.decay == "cosine":
+        import math
+
+        shape = 0.5 * (1.0 + math.cos(math.pi * frac))
+    else:
+        shape = 1.0 - frac
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape)
+
+
+#: Named configs. ``tiny`` was tuned for held-out loss per CPU-second on a 2-core machine
+#: (benchmarks/zoo_presets.py); ``small`` follows the usual small-GPT recipe, untuned.
+PRESETS: dict[str, ZooConfig] = {
+    "micro": ZooConfig(
+        preset="micro", n_layer=1, n_embd=32, n_head=2, n_inner=128,
+        lr=3e-3, batch_size=8, steps=20, log_every=5, eval_every=10, eval_contexts=16,
+    ),
+    "tiny": ZooConfig(
+        preset="tiny", n_layer=2, n_embd=128, n_head=4, n_inner=512,
+        lr=3e-3, batch_size=32, steps=300, log_every=10, eval_every=50, eval_contexts=128,
+    ),
+    "small": ZooConfig(
+        preset="small", n_layer=6, n_embd=384, n_head=6, n_inner=1536,
+        lr=1e-3, batch_size=32, steps=5000, log_every=20, eval_every=250, eval_contexts=256,
+    ),
+}
