@@ -226,6 +226,13 @@ def test_bad_inputs(seed_models, tiny_store, tmp_path, tiny_tokenizer):
         run_correlate(_cfg([seed_models[0], other], tiny_store), tmp_path / "r3")
     with pytest.raises(UnineuronsError, match="too small"):
         run_correlate(_cfg(seed_models[:2], tiny_store, memory_budget="10KB"), tmp_path / "r2")
+    # refused runs leave no partial output behind
+    assert not any((tmp_path / r).exists() for r in ("r1", "r2", "r3"))
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("mine")
+    with pytest.raises(UnineuronsError, match="not made by unineurons"):
+        run_correlate(_cfg(seed_models[:2], tiny_store), tmp_path / "theirs")
+    assert [p.name for p in (tmp_path / "theirs").iterdir()] == ["notes.txt"]
 
 
 def test_resume_after_kill_matches_uninterrupted(seed_models, tiny_store, tmp_path):

@@ -28,6 +28,7 @@ from unineurons.analyses.dynamics_tables import (
 )
 from unineurons.cli import main
 from unineurons.errors import UnineuronsError
+from unineurons.io import prepare_out_dir
 from unineurons.rundir import RunDir
 from unineurons.zoo import train_zoo
 
@@ -326,13 +327,23 @@ def test_cli_errors_are_one_line(zoo, tiny_heldout_store, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             main(base + extra)
         err = capsys.readouterr().err
-        assert e.value.code == 1 and msg in err.replace("\n", " ") and "Traceback" not in err
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert e.value.code == 1 and len(lines) == 1 and lines[0].startswith("error:"), err
+        assert msg in lines[0]
     assert not (tmp_path / "x").exists()  # refused before anything was written
+    with pytest.raises(SystemExit) as e:
+        main(["dynamics", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for opt in ("--zoo", "--steps", "--model-template", "--names", "--universal", "--ablate"):
+        assert opt in out
 
 
 def test_offline_hub_model_names_the_model(tiny_heldout_store, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants
+
+    # the flag is read when huggingface_hub is imported: set the constant, not the variable
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     cfg = DynamicsConfig(model_template="stanford-crfm/{name}@checkpoint-{step}",
                          names=["alias-gpt2-small-x21", "battlestar-gpt2-small-x49"],
                          steps=[100], tokens=str(tiny_heldout_store))
@@ -342,7 +353,7 @@ def test_offline_hub_model_names_the_model(tiny_heldout_store, tmp_path, monkeyp
 
 
 def test_pipeline_dynamics_stage(zoo, tiny_store, tiny_heldout_store, tmp_path, capsys):
-    out = tmp_path / "pipe"
+    out = prepare_out_dir(tmp_path / "pipe", "pipeline")  # token stores made earlier, as here
     for src, dst in ((tiny_store, "train"), (tiny_heldout_store, "heldout")):
         shutil.copytree(src, out / "tokens" / dst)
     cfg = tmp_path / "p.toml"

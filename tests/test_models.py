@@ -106,7 +106,10 @@ def test_missing_folder_and_offline_hub_errors(tmp_path, monkeypatch):
     spec = parse_model_spec("stanford-crfm/alias-gpt2-small-x21@checkpoint-80000")
     assert (spec.location, spec.revision, spec.local) == ("stanford-crfm/alias-gpt2-small-x21",
                                                           "checkpoint-80000", False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hf_constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE at import: patch the constant, not the variable
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(UnineuronsError, match="stanford-crfm/alias-gpt2-small-x21@checkpoint-80000"):
         load_model("stanford-crfm/alias-gpt2-small-x21@checkpoint-80000")

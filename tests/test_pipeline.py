@@ -53,7 +53,9 @@ def test_micro_demo_end_to_end_and_reuse(tmp_path, capsys):
     assert set(state) >= {"tokenizer", "tokens", "zoo", "correlate"}
     neurons = pd.read_parquet(out / "run" / "neurons.parquet")
     assert {"max_corr", "baseline_corr", "excess_corr", "is_universal"} <= set(neurons.columns)
-    assert neurons.model.str.contains("seed0").all()
+    ranked = neurons[neurons.excess_corr.notna()]
+    assert len(ranked) and ranked.model.str.contains("seed0").all()  # reference mode
+    assert neurons.model.str.contains("/zoo/seed").all()  # analyze adds every seed's neurons
     # a second demo reuses every finished stage
     with pytest.raises(SystemExit):
         main(["demo", "--config", "micro", "--out", str(out)])

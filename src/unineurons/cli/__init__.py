@@ -32,7 +32,7 @@ app = typer.Typer(
 def _register_all() -> None:
     import importlib
 
-    for mod in ("data", "zoo", "correlate", "analyze", "ablate", "dynamics", "pipeline"):
+    for mod in ("data", "zoo", "correlate", "analyze", "ablate", "dynamics", "report", "pipeline"):
         try:
             m = importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:

@@ -150,7 +150,10 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
                   models: list[LoadedModel] | None = None) -> CorrelateResult:
     """Run the correlate stage into the run directory ``out``; see the module docstring."""
     t_start = time.time()
-    run = RunDir.create(out)
+    # everything that can fail on bad input is checked before the run directory exists,
+    # so a refused run leaves nothing behind
+    if Path(out).exists():
+        RunDir.create(out)  # refuses a folder holding something else
     store = TokenStore.open(cfg.tokens)
     contexts = store.contexts(cfg.n_tokens)
     special = store.manifest["tokenizer"]
@@ -162,6 +165,8 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
                          sum(p.numel() for p in m.model.parameters())) for m in models]
     accumulate = accumulate_tokens(cfg, shapes, store.ctx)
     chash = _config_hash(cfg, models, store, accumulate)
+    plan = plan_for(cfg, shapes, store.ctx)
+    run = RunDir.create(out)
 
     done = run.manifest().get("correlate")
     ckpt_path = run.state_dir / CHECKPOINT
@@ -179,7 +184,6 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
             "it, or choose a new --out"
         )
 
-    plan = plan_for(cfg, shapes, store.ctx)
     cdtype = batch_matmul_dtype(cfg.dtype)
     if cfg.dtype == "tf32" and cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
