@@ -35,11 +35,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..accumulators.moments import Moments
+from ..config import Device
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
 from ..stream import activation_stream
 from .interventions import (
-    check_device,
     evaluate_patches,
     load_run_model,
     make_patch,
@@ -93,7 +93,7 @@ class AblateConfig(BaseModel):
                                  "store when unset. Each configuration costs one forward pass.")
     seed: int = Field(0, description="Seed of the random sets.")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
-    device: str = Field("cpu", description="cpu or cuda[:i].")
+    device: Device = Field("cpu", description="cpu or cuda[:i].")
 
     @field_validator("method")
     @classmethod
@@ -104,10 +104,6 @@ class AblateConfig(BaseModel):
             raise ValueError(str(e)) from None
         return v
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return check_device(v)
 
     @field_validator("sets")
     @classmethod

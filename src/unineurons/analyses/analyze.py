@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..accumulators import Moments, TopK
+from ..config import Device
 from ..errors import UnineuronsError
 from ..features import Vocabulary, get_features, load_feature_module, token_class_from_file
 from ..models.adapters import parse_neuron
@@ -89,16 +90,10 @@ class AnalyzeConfig(BaseModel):
     vocab_k: int = Field(20, ge=1, description="Tokens per neuron, side and direction in "
                          "vocab.parquet (highest / lowest cosine).")
     seed: int = Field(0, description="Seed of the neuron samples.")
-    device: str = Field("cpu", description="cpu or cuda[:i].")
+    device: Device = Field("cpu", description="cpu or cuda[:i].")
     roles: RoleConfig = Field(RoleConfig(), description="Functional roles: thresholds and the "
                               "entropy / attention analyses (analyses.roles).")
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not (v == "cpu" or v.startswith("cuda")):
-            raise ValueError(f"device must be cpu or cuda[:i], not {v!r}")
-        return v
 
     @field_validator("neurons")
     @classmethod

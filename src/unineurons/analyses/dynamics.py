@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..config import Device
 from ..errors import UnineuronsError
 from ..rundir import RunDir
 from .ablate import AblateConfig
@@ -91,7 +92,7 @@ class DynamicsConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
     accumulate_tokens: int | None = Field(None, ge=1, description="Kept tokens buffered per "
                                           "co-moment fold; the correlate stage picks when unset.")
-    device: str = Field("cpu", description="cpu or cuda[:i].")
+    device: Device = Field("cpu", description="cpu or cuda[:i].")
     dtype: Literal["float32", "tf32", "bfloat16", "float64"] = Field(
         "float32", description="Dtype of each batch's cross product (accumulation is float64).")
     memory_budget: str = Field("8GB", description="Memory for one step's accumulators.")

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..accumulators.base import register
+from ..config import Device
 from ..errors import UnineuronsError
 from ..models.adapters import neuron_name, parse_neuron
 from ..models.load import LoadedModel, load_model
@@ -36,7 +37,7 @@ from ..progress import progress
 
 __all__ = ["LMMetrics", "NeuronPatch", "make_patch", "target_mask", "final_norm_scale",
            "evaluate_patches", "intervene_neurons", "random_late_neurons", "InterveneConfig",
-           "run_interventions", "METRICS", "check_device", "run_model_entries", "load_run_model", "run_contexts",
+           "run_interventions", "METRICS", "run_model_entries", "load_run_model", "run_contexts",
            "write_model_rows"]
 
 #: Metric keys of :meth:`LMMetrics.result`, in table order.
@@ -273,13 +274,6 @@ def _same_spec(a: str, b: str) -> bool:
     return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
 
 
-def check_device(v: str) -> str:
-    """A config validator: ``cpu`` or ``cuda[:i]``."""
-    if not (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
-        raise ValueError(f"device must be cpu or cuda[:i], not {v!r}")
-    return v
-
-
 def run_model_entries(run: Any, requested: Sequence[str] | None) -> list[dict]:
     """The run manifest's ``models`` entries for the ``requested`` specs (a folder may be
     spelled differently), all of them in run order when None."""
@@ -407,7 +401,7 @@ class InterveneConfig(BaseModel):
         "count with the run's store, the whole store otherwise, when unset.")
     seed: int = Field(0, description="Seed of the random baseline neurons.")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
-    device: str = Field("cpu", description="cpu or cuda[:i].")
+    device: Device = Field("cpu", description="cpu or cuda[:i].")
 
     @field_validator("neurons")
     @classmethod
@@ -421,10 +415,6 @@ class InterveneConfig(BaseModel):
                 raise ValueError(str(e)) from None
         return v
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return check_device(v)
 
     @field_validator("values")
     @classmethod

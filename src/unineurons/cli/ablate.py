@@ -45,17 +45,10 @@ def _floats(text: str) -> list[float]:
 
 
 def _config(cls, **kw):
-    """Build a frozen config, turning validation errors into one-line user errors."""
-    from pydantic import ValidationError
+    """Build a stage config; a bad value is one user error naming the option."""
+    from ..config import build
 
-    from ..errors import UnineuronsError
-
-    try:
-        return cls(**kw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"]) or cls.__name__
-        raise UnineuronsError(f"--{field.replace('_', '-')}: {first['msg']}") from None
+    return build(cls, **kw)
 
 
 def ablate(

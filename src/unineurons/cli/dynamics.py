@@ -23,20 +23,11 @@ def _names(text: str, what: str) -> list[str]:
     return items
 
 
-def _config(cls: Any, **kw: Any) -> Any:
-    """Build a frozen config; a validation error becomes one line naming the option."""
-    from pydantic import ValidationError
+def _config(cls, **kw):
+    """Build a stage config; a bad value is one user error naming the option."""
+    from ..config import build
 
-    from ..errors import UnineuronsError
-
-    try:
-        return cls(**kw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        msg = str(first["msg"]).removeprefix("Value error, ")
-        field = ".".join(str(p) for p in first["loc"])
-        raise UnineuronsError(f"--{field.replace('_', '-')}: {msg}" if field
-                              else f"dynamics: {msg}") from None
+    return build(cls, **kw)
 
 
 def print_emergence(emergence: Any, console: Any) -> None:

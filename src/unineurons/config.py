@@ -1,0 +1,48 @@
+"""What every stage's config shares: validated field types and one way to report bad values.
+
+Stage configs are frozen pydantic models (``extra="forbid"``); the CLI builds them from its
+options with :func:`build`, so a bad value reads the same from every command::
+
+    error: option --memory-budget: memory size '8 gigs' is not understood; write e.g. 8GB
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ValidationError
+
+from .errors import UnineuronsError
+
+__all__ = ["Device", "check_device", "build", "describe_error"]
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def check_device(v: str) -> str:
+    """``cpu``, ``cuda`` or ``cuda:i``."""
+    if not (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
+        raise ValueError(f"device must be cpu or cuda[:i], not {v!r}")
+    return v
+
+
+#: A torch device string, validated on construction.
+Device = Annotated[str, AfterValidator(check_device)]
+
+
+def describe_error(e: ValidationError, option_style: bool = True) -> str:
+    """The first problem of a pydantic error as ``option --name: message`` (or ``key 'a.b'``)."""
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    msg = "unknown key" if err["type"] == "extra_forbidden" else str(err["msg"]).removeprefix("Value error, ")
+    if option_style:
+        return f"option --{loc.replace('_', '-')}: {msg}" if loc else msg
+    return f"key {loc!r}: {msg}"
+
+
+def build(cls: type[T], **kwargs: Any) -> T:
+    """``cls(**kwargs)``, with a validation failure turned into one clear user error."""
+    try:
+        return cls(**kwargs)
+    except ValidationError as e:
+        raise UnineuronsError(describe_error(e)) from None
