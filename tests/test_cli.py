@@ -9,8 +9,8 @@ import pytest
 
 from unineurons.cli import main
 
-COMMANDS = ["tokenizer", "tokens", "zoo", "correlate", "plan", "analyze", "ablate", "intervene", "dynamics", "run",
-            "demo"]
+COMMANDS = ["tokenizer", "tokens", "zoo", "correlate", "plan", "analyze", "ablate", "intervene", "dynamics", "report",
+            "run", "demo"]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

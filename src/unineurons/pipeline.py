@@ -9,6 +9,7 @@ are refused with the key named), then runs each configured stage into ``out``::
     out/zoo/              the seed zoo            (stage "zoo")
     out/run/              the run directory       (stages "correlate", "analyze", "ablate")
     out/dynamics/         checkpoints over training (stage "dynamics")
+    out/run/report/       figures and neuron browser (stage "report"; out/run/figures/)
 
 Work already done is reused: ``out/pipeline.json`` records, per finished stage, a hash of its
 config and of everything upstream; a stage whose hash matches is skipped.
@@ -26,13 +27,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .analyses.ablate import AblateConfig
 from .analyses.analyze import AnalyzeConfig
 from .analyses.dynamics import DynamicsConfig
 from .errors import UnineuronsError
 from .io import prepare_out_dir, read_json, write_json
+from .report.build import ReportConfig
 
 __all__ = ["PipelineConfig", "load_config", "run_pipeline", "builtin_config"]
 
@@ -95,6 +97,18 @@ class PipelineConfig(_Section):
         "Options of `unineurons dynamics` (zoo, tokens and reference seed default to the "
         "pipeline's zoo, held-out store and correlate reference seed)."
     ))
+    report: ReportConfig | None = Field(None, description=(
+        "The report, last: `report = true` or a [report] section of `unineurons report` options "
+        "(figures and neuron browser in run/report/index.html, with the dynamics figures)."
+    ))
+
+    @field_validator("report", mode="before")
+    @classmethod
+    def _report(cls, v: Any) -> Any:
+        # `report = true` is the report with its default options, `report = false` none
+        if isinstance(v, bool):
+            return ReportConfig() if v else None
+        return v
 
 
 def _validation_error(e: ValidationError, where: str) -> UnineuronsError:
@@ -236,6 +250,16 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print,
         r.stage("dynamics", d, [dyn_dir / "persistence.parquet"],
                 lambda: show("dynamics", run_dynamics(d, dyn_dir, say=say)))
         r.where["dynamics"] = str(dyn_dir)
+    if cfg.report:
+        from .report import build_report
+
+        rep = cfg.report
+        target = run_dir if cfg.correlate else out / "dynamics"
+        if cfg.dynamics and cfg.correlate and rep.dynamics is None:
+            rep = rep.model_copy(update={"dynamics": str(out / "dynamics")})
+        r.stage("report", rep, [target / "report" / "index.html"],
+                lambda: show("report", build_report(target, rep)))
+        r.where["report"] = str(target / "report" / "index.html")
     return r.where
 
 

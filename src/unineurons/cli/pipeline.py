@@ -39,6 +39,10 @@ def _show(what: str, obj: Any) -> None:
         from .dynamics import show_dynamics
 
         show_dynamics(obj)
+    elif what == "report":
+        from .report import show_report
+
+        show_report(obj, console)
 
 
 def _run(cfg, started: float) -> None:
@@ -66,7 +70,8 @@ def register(app: typer.Typer) -> None:
         config: str = typer.Option("demo", help="Built-in config: demo (about 15 min on 2 cores) or micro (seconds)."),
     ) -> None:
         """The whole pipeline offline on the standard library: tokenizer, token stores, a 5-seed
-        zoo of tiny GPT-2s, universal neurons, their properties and ablations."""
+        zoo of tiny GPT-2s, universal neurons, their properties and ablations, and the report
+        (figures and neuron browser) whose path it prints last."""
         from ..pipeline import builtin_config, load_config
 
         over = {"out": str(out)} if out else {}

@@ -52,6 +52,9 @@ def register(app: typer.Typer) -> None:
         )),
         batch_size: int = typer.Option(8, help="Contexts per forward pass (window activations)."),
         device: str = typer.Option("cpu", help="cpu or cuda[:i]."),
+        dynamics: Path = typer.Option(None, help=(
+            "Run directory of `unineurons dynamics` whose figures are drawn too."
+        )),
     ) -> None:
         """Figures of both papers (RUN/figures/*.png, *.svg) and a static HTML report with a
         neuron browser (RUN/report/index.html), all from the run's tables."""
@@ -62,5 +65,6 @@ def register(app: typer.Typer) -> None:
         cfg = _config(ReportConfig, figures=figures, browser=browser, models=models,
                       formats=tuple(_items(formats, "--formats")), dpi=dpi,
                       max_context_neurons=max_context_neurons, vocab_k=vocab_k,
-                      vocab_neuron=vocab_neuron, batch_size=batch_size, device=device)
+                      vocab_neuron=vocab_neuron, batch_size=batch_size, device=device,
+                      dynamics=None if dynamics is None else str(dynamics))
         show_report(build_report(run, cfg), console)

@@ -19,16 +19,15 @@ Layout (column-oriented, so thousands of neurons stay small)::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .figures import Tables, short_names
+from .tables import Tables, short_names
 
-__all__ = ["browser_data", "script_json", "context_neurons", "round_sig", "StringTable",
-           "DEFAULT_VISIBLE"]
+__all__ = ["browser_data", "script_json", "context_neurons", "chosen_mask", "round_sig",
+           "StringTable", "DEFAULT_VISIBLE"]
 
 #: Columns the table shows before the reader picks others.
 DEFAULT_VISIBLE = ["model", "address", "excess_corr", "max_corr", "baseline_corr", "is_universal",
@@ -54,9 +53,13 @@ def round_sig(x: np.ndarray, digits: int = 4) -> list[float | None]:
     ok = np.isfinite(x) & (x != 0)
     mag = np.zeros_like(x)
     mag[ok] = np.floor(np.log10(np.abs(x[ok])))
-    scale = 10.0 ** (digits - 1 - mag)
-    r = np.where(ok, np.round(x * scale) / scale, x)
-    return [float(v) if np.isfinite(v) else None for v in r]
+    e = digits - 1 - mag  # decimal places to keep; negative: round to tens, hundreds, ...
+    # divide or multiply by an exact power of ten so 1235 * 1e5 prints as 123500000.0
+    up, down = 10.0 ** np.clip(e, 0, None), 10.0 ** np.clip(-e, 0, None)
+    with np.errstate(invalid="ignore", over="ignore"):
+        r = np.where(ok, np.round(x * up / down) * down / up, x).astype(object)
+    r[~np.isfinite(x)] = None
+    return r.tolist()
 
 
 class StringTable:
@@ -114,34 +117,50 @@ def _matches(matches: pd.DataFrame | None, models: list[str]) -> dict:
     return out
 
 
+def chosen_mask(df: pd.DataFrame, chosen: dict[str, set[tuple[int, int]]]) -> np.ndarray:
+    """Bool per row of ``df`` (columns model, layer, neuron): the neuron is in ``chosen``."""
+    out = np.zeros(len(df), dtype=bool)
+    code = df["layer"].to_numpy(np.int64) * 2**32 + df["neuron"].to_numpy(np.int64)  # [n]
+    models = df["model"].to_numpy()
+    for model, want in chosen.items():
+        if want:
+            keys = np.array([a * 2**32 + b for a, b in want], dtype=np.int64)
+            out |= (models == model) & np.isin(code, keys)
+    return out
+
+
 def context_neurons(t: Tables, budget: int) -> dict[str, set[tuple[int, int]]]:
     """Per model, the neurons whose top contexts and vocabulary the report embeds: at most
     ``budget`` per model, chosen in this order: reference neurons by excess correlation (each
-    followed by its best match in every partner), then every other neuron by activation
-    maximum, so the universal neurons and their matches are always shown first."""
-    chosen: dict[str, set[tuple[int, int]]] = {m: set() for m in t.models}
-    order: list[tuple[str, int, int]] = []
+    followed by its best match in every partner), then every other neuron by the largest
+    activation, so the universal neurons and their matches are always shown first."""
+    keys = ["model", "layer", "neuron"]
+    parts = []
     n = t.get("neurons")
-    mt = t.get("matches")
     if n is not None and "excess_corr" in n:
-        ref = n[n["excess_corr"].notna()].sort_values("excess_corr", ascending=False, kind="stable")
-        by = {} if mt is None else {k: g for k, g in mt.groupby(["model", "layer", "neuron"])}
-        for r in ref[["model", "layer", "neuron"]].itertuples(index=False):
-            order.append((r.model, int(r.layer), int(r.neuron)))
-            g = by.get((r.model, r.layer, r.neuron))
-            if g is not None:
-                order += [(p, int(a), int(b)) for p, a, b in
-                          zip(g["partner"], g["argmax_layer"], g["argmax_neuron"], strict=True)
-                          if a >= 0]
+        ref = n.loc[n["excess_corr"].notna(), keys + ["excess_corr"]]
+        ref = ref.sort_values("excess_corr", ascending=False, kind="stable").reset_index(drop=True)
+        ref["rank"] = np.arange(len(ref), dtype=np.float64)
+        parts.append(ref.assign(sub=0)[keys + ["rank", "sub"]])
+        mt = t.get("matches")
+        if mt is not None and len(mt):
+            m = mt[mt["argmax_layer"] >= 0].merge(ref[keys + ["rank"]], on=keys)
+            m = m.assign(model=m["partner"], layer=m["argmax_layer"], neuron=m["argmax_neuron"],
+                         sub=1)  # right after the reference neuron it matches
+            parts.append(m[keys + ["rank", "sub"]])
     tc = t.get("top_contexts")
     if tc is not None and len(tc):
-        top = tc[tc["rank"] == 0].sort_values("value", ascending=False, kind="stable")
-        order += list(zip(top["model"], top["layer"].astype(int), top["neuron"].astype(int),
-                          strict=True))
-    for model, layer, neuron in order:
-        s = chosen.setdefault(model, set())
-        if len(s) < budget:
-            s.add((layer, neuron))
+        top = tc.loc[tc["rank"] == 0, keys + ["value"]].sort_values("value", ascending=False,
+                                                                   kind="stable")
+        parts.append(top.assign(rank=np.inf, sub=np.arange(len(top)))[keys + ["rank", "sub"]])
+    chosen: dict[str, set[tuple[int, int]]] = {m: set() for m in t.models}
+    if not parts or budget <= 0:
+        return chosen
+    order = pd.concat(parts, ignore_index=True).sort_values(["rank", "sub"], kind="stable")
+    order = order.drop_duplicates(keys)
+    order = order[order.groupby("model", sort=False).cumcount() < budget]
+    for model, g in order.groupby("model", sort=False):
+        chosen[model] = set(zip(g["layer"].astype(int), g["neuron"].astype(int), strict=True))
     return chosen
 
 
@@ -153,15 +172,14 @@ def _contexts(tc: pd.DataFrame | None, chosen: dict[str, set[tuple[int, int]]],
         return out
     index = {m: i for i, m in enumerate(models)}
     for model, g in tc.groupby("model", sort=False):
-        want = chosen.get(model, set())
         model_acts = (acts or {}).get(model)
-        for pos_in_g, r in enumerate(g.itertuples(index=False)):
-            if (int(r.layer), int(r.neuron)) not in want:
-                continue
+        keep = np.nonzero(chosen_mask(g, chosen))[0]  # positions within the model's rows
+        sub = g.iloc[keep]
+        for pos_in_g, r in zip(keep, sub.itertuples(index=False), strict=True):
             key = f"{index[model]}:{int(r.layer)}:{int(r.neuron)}"
             entry = out.setdefault(key, {"scale": 0.0, "items": [], "_raw": []})
             a = None if model_acts is None else model_acts[pos_in_g]
-            entry["items"].append([round_sig([r.value])[0], int(r.position), int(r.window_start),
+            entry["items"].append([float(r.value), int(r.position), int(r.window_start),
                                    int(r.row), [strings(s) for s in r.window_tokens], None])
             entry["_raw"].append(a)
             peak = np.abs(a).max() if a is not None and len(a) else abs(float(r.value))
@@ -169,6 +187,7 @@ def _contexts(tc: pd.DataFrame | None, chosen: dict[str, set[tuple[int, int]]],
     for entry in out.values():
         scale = entry["scale"] or 1.0
         for item, a in zip(entry["items"], entry.pop("_raw"), strict=True):
+            item[0] = round_sig([item[0]])[0]
             if a is not None:
                 item[5] = np.rint(100 * np.asarray(a) / scale).astype(int).tolist()
         entry["items"].sort(key=lambda it: -(it[0] or 0))
@@ -182,11 +201,10 @@ def _vocab(v: pd.DataFrame | None, chosen: dict[str, set[tuple[int, int]]], mode
     if v is None or v.empty:
         return out
     index = {m: i for i, m in enumerate(models)}
-    v = v[v["rank"] <= k].sort_values(["model", "layer", "neuron", "side", "direction", "rank"])
+    v = v[(v["rank"] <= k) & chosen_mask(v, chosen)]
+    v = v.sort_values(["model", "layer", "neuron", "side", "direction", "rank"])
     for (model, layer, neuron, side, direction), g in v.groupby(
             ["model", "layer", "neuron", "side", "direction"], sort=False):
-        if (int(layer), int(neuron)) not in chosen.get(model, set()):
-            continue
         key = f"{index[model]}:{int(layer)}:{int(neuron)}"
         out.setdefault(key, {})[f"{side}_{direction}"] = [
             [strings(s), c] for s, c in zip(g["token"], round_sig(g["cosine"].to_numpy(float), 3),
@@ -232,17 +250,3 @@ def browser_data(t: Tables, max_context_neurons: int = 2000, vocab_k: int = 10,
     }
     data["strings"] = strings.strings
     return data
-
-
-def context_counts(data: dict) -> dict[int, int]:
-    """Neurons with embedded contexts, per model index (for summaries)."""
-    out: dict[int, int] = {}
-    for key in data["contexts"]:
-        m = int(key.split(":", 1)[0])
-        out[m] = out.get(m, 0) + 1
-    return out
-
-
-def iter_keys(keys: Iterable[str]) -> Sequence[tuple[int, int, int]]:
-    """``"m:L:N"`` keys as integer triples."""
-    return [tuple(int(x) for x in k.split(":")) for k in keys]  # type: ignore[misc]

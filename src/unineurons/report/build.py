@@ -22,7 +22,7 @@ from ..errors import UnineuronsError
 from ..io import atomic_path
 from ..rundir import RunDir
 from .browser import browser_data, context_neurons, script_json
-from .figures import FigureResult, SkippedFigure, Tables, make_figures
+from .tables import Tables
 
 __all__ = ["ReportConfig", "ReportResult", "build_report"]
 
@@ -50,6 +50,9 @@ class ReportConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass when recomputing "
                             "window activations.")
     device: str = Field("cpu", description="cpu or cuda[:i] for the model passes.")
+    dynamics: str | None = Field(None, description="A run directory of `unineurons dynamics` "
+                                 "whose figures the report draws too (its tables are read from "
+                                 "there; the pipeline sets it to out/dynamics).")
 
     @field_validator("device")
     @classmethod
@@ -79,8 +82,8 @@ class ReportResult:
     """What :func:`build_report` wrote."""
 
     index: Path  #: RUN/report/index.html
-    figures: list[FigureResult]
-    skipped: list[SkippedFigure]
+    figures: list  #: FigureResult of each figure drawn
+    skipped: list  #: SkippedFigure of each figure left out, with the reason
     notes: list[str] = field(default_factory=list)
     n_neurons: int = 0  #: rows of the browser's table
     n_context_neurons: int = 0  #: neurons with embedded top contexts
@@ -88,8 +91,6 @@ class ReportResult:
 
 
 _STATIC = ("report.css", "browser.js")
-_SECTIONS = ["Universality", "Neuron properties", "Vocabulary", "Families", "Interventions",
-             "Ablations", "Training dynamics"]
 
 
 def _env():
@@ -111,8 +112,8 @@ def _summary(t: Tables) -> list[tuple[str, str]]:
     m = t.manifest
     out = [("models", ", ".join(t.short(s) for s in t.models) or "none")]
     tok = m.get("tokens") or {}
-    if tok:
-        out.append(("tokens", f"{tok.get('n_tokens', '?'):,} ({tok.get('n_contexts', '?')} "
+    if tok.get("n_tokens"):
+        out.append(("tokens", f"{int(tok['n_tokens']):,} ({tok.get('n_contexts', '?')} "
                               f"contexts of {tok.get('ctx', '?')}) from {tok.get('path', '?')}"))
     n = t.get("neurons")
     if n is not None and "is_universal" in n:
@@ -133,17 +134,21 @@ def _summary(t: Tables) -> list[tuple[str, str]]:
 def build_report(run_path: str | Path, cfg: ReportConfig = ReportConfig()) -> ReportResult:
     """Draw the figures and write ``RUN/report/index.html`` for the run at ``run_path``."""
     t0 = time.perf_counter()
+    from .figures import make_figures  # matplotlib: only when drawing
+
     run = RunDir.open(run_path)
-    t = Tables(run)
-    if not any(run.has_table(x) for x in ("neurons", "ablations", "emergence")):
+    dyn = RunDir.open(cfg.dynamics) if cfg.dynamics else None
+    t = Tables(run, dyn)
+    if not any(t.has(x) for x in ("neurons", "ablations", "emergence")):
         raise UnineuronsError(f"run {run.path} has no tables to report yet; run `unineurons "
                               "correlate` (or analyze / ablate / dynamics) into it first")
     notes: list[str] = []
-    figs: list[FigureResult] = []
-    skipped: list[SkippedFigure] = []
+    figs: list = []
+    skipped: list = []
     if cfg.figures:
         figs, skipped = make_figures(run, cfg.formats, cfg.dpi, options={
-            "models": cfg.models, "device": cfg.device, "vocab_neuron": cfg.vocab_neuron})
+            "models": cfg.models, "device": cfg.device, "vocab_neuron": cfg.vocab_neuron},
+            dynamics=dyn)
         notes += [f"{f.title}: {n}" for f in figs for n in f.notes]
     data: dict = {}
     if cfg.browser:
@@ -166,7 +171,8 @@ def build_report(run_path: str | Path, cfg: ReportConfig = ReportConfig()) -> Re
     # show the SVG (sharp at any zoom) where there is one
     views = [{**vars(f), "img": next((p for p in f.files if p.endswith(".svg")), f.files[0])}
              for f in figs]
-    sections = [(s, [v for v in views if v["section"] == s]) for s in _SECTIONS]
+    sections = [(s, [v for v in views if v["section"] == s])
+                for s in dict.fromkeys(f.section for f in figs)]
     html = _env().get_template("index.html").render(
         title=run.path.resolve().name, run_path=str(run.path.resolve()), version=__version__,
         created=time.strftime("%Y-%m-%d %H:%M"), summary=_summary(t),

@@ -3,19 +3,20 @@
 Every figure is a registered :class:`FigureSpec`: the tables it needs, a function that turns
 the tables into a :class:`Drawn` (a matplotlib figure and a caption that states the numbers it
 shows) or raises :class:`Skip` with the reason. :func:`make_figures` draws every figure whose
-tables exist into ``RUN/figures/{id}.png`` / ``.svg`` (Agg backend) and lists the others with
-their reasons, so the report can say what is missing instead of drawing it empty::
+tables exist into ``RUN/figures/{id}.png`` / ``.svg`` (no display needed: plain matplotlib
+``Figure`` objects, no pyplot) and lists the others with their reasons, so the report can say
+what is missing instead of drawing it empty::
 
     drawn, skipped = make_figures(RunDir.open("RUN"))
 
 The figure functions live in :mod:`.plots_corr` (correlations, properties, vocabulary,
-families) and :mod:`.plots_effects` (interventions, ablations, training dynamics).
+families), :mod:`.plots_effects` (family examples, interventions, ablations) and
+:mod:`.plots_dynamics` (training dynamics).
 """
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,19 +24,17 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: never open a window, never need a display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ..io import atomic_path  # noqa: E402
-from ..rundir import RunDir  # noqa: E402
+from ..io import atomic_path
+from ..rundir import RunDir
+from .tables import Skip, Tables, short_names
 
 __all__ = ["FigureSpec", "Drawn", "Skip", "FigureResult", "SkippedFigure", "Tables", "FIGURES",
            "figure", "make_figures", "short_names", "layer_list", "token_label", "STYLE",
-           "PALETTE", "SET_COLORS", "new_figure", "layer_axis"]
+           "PALETTE", "SET_COLORS", "SECTIONS", "new_figure", "layer_axis"]
 
 #: Okabe-Ito: distinguishable with every common colour-vision deficiency.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
@@ -47,11 +46,6 @@ STYLE = {
     "grid.alpha": 0.3, "grid.linewidth": 0.6, "svg.fonttype": "path",
     "axes.prop_cycle": matplotlib.cycler(color=PALETTE),
 }
-
-
-class Skip(Exception):  # noqa: N818 - a signal, not an error
-    """Raised by a figure function: the figure cannot be drawn from this run (the message
-    says why and what to run)."""
 
 
 @dataclass
@@ -92,8 +86,10 @@ class SkippedFigure:
     reason: str
 
 
-#: The registry, in report order.
+#: The registry; the report shows the figures section by section, in this order.
 FIGURES: list[FigureSpec] = []
+SECTIONS = ["Universality", "Neuron properties", "Vocabulary", "Families", "Interventions",
+            "Ablations", "Training dynamics"]
 
 
 def figure(id: str, title: str, section: str, needs: Sequence[str]):  # noqa: A002
@@ -102,99 +98,12 @@ def figure(id: str, title: str, section: str, needs: Sequence[str]):  # noqa: A0
     def deco(fn: Callable[[Tables, dict], Drawn]) -> Callable[[Tables, dict], Drawn]:
         if any(s.id == id for s in FIGURES):
             raise ValueError(f"figure {id!r} is registered twice")
+        if section not in SECTIONS:
+            raise ValueError(f"figure {id!r}: unknown section {section!r}")
         FIGURES.append(FigureSpec(id, title, section, tuple(needs), fn))
         return fn
 
     return deco
-
-
-class Tables:
-    """The run's tables, read once each on first use, and what the figures share.
-
-    ``reference`` is the first model (manifest order) with correlation values: the model whose
-    neurons were tested for universality. ``models`` lists every spec the run knows.
-    """
-
-    def __init__(self, run: RunDir):
-        self.run = run
-        self.manifest = run.manifest()
-        self._cache: dict[str, pd.DataFrame | None] = {}
-
-    def has(self, name: str) -> bool:
-        return self.get(name) is not None
-
-    def get(self, name: str) -> pd.DataFrame | None:
-        if name not in self._cache:
-            self._cache[name] = self.run.read_table(name) if self.run.has_table(name) else None
-        return self._cache[name]
-
-    def __getitem__(self, name: str) -> pd.DataFrame:
-        df = self.get(name)
-        if df is None:
-            raise Skip(f"the run has no {name}.parquet")
-        return df
-
-    @property
-    def models(self) -> list[str]:
-        specs = [e["spec"] for e in self.manifest.get("models") or []]
-        for name in ("neurons", "top_contexts", "matches"):
-            df = self.get(name)
-            if df is not None and "model" in df.columns:
-                specs += [m for m in pd.unique(df["model"]) if m not in specs]
-        return specs
-
-    @property
-    def corr_models(self) -> list[str]:
-        """Models with correlation values (the references), in manifest order."""
-        n = self.get("neurons")
-        if n is None or "max_corr" not in n.columns:
-            return []
-        have = set(n.loc[n["max_corr"].notna(), "model"])
-        return [m for m in self.models if m in have]
-
-    @property
-    def reference(self) -> str:
-        refs = self.corr_models
-        if refs:
-            return refs[0]
-        n = self.get("neurons")
-        if n is not None and len(n):
-            return str(n["model"].iloc[0])
-        if self.models:
-            return self.models[0]
-        raise Skip("the run lists no models")
-
-    @property
-    def threshold(self) -> float:
-        cfg = (self.manifest.get("correlate") or {}).get("config") or {}
-        return float(cfg.get("threshold", 0.5))
-
-    def neurons_of(self, model: str, columns: Sequence[str]) -> pd.DataFrame:
-        """The model's rows of neurons.parquet; Skip when a column is missing or all-NaN."""
-        n = self["neurons"]
-        missing = [c for c in columns if c not in n.columns]
-        if missing:
-            raise Skip(f"neurons.parquet has no {', '.join(missing)} column(s)")
-        sub = n[n["model"] == model]
-        empty = [c for c in columns if sub[c].isna().all()]
-        if sub.empty or empty:
-            raise Skip(f"neurons.parquet has no values of {', '.join(empty or columns)} for "
-                       f"model {model}")
-        return sub
-
-    def short(self, spec: str) -> str:
-        return short_names(self.models).get(spec, spec)
-
-
-def short_names(specs: Sequence[str]) -> dict[str, str]:
-    """Readable, distinct labels for model specs: the last path parts (as few as keep them
-    apart); hub ids keep ``name@revision``."""
-    parts = {s: [p for p in re.split(r"[\\/]+", s) if p] or [s] for s in specs}
-    for k in range(1, max((len(p) for p in parts.values()), default=1) + 1):
-        names = {s: "/".join(p[-k:]) for s, p in parts.items()}
-        if len(set(names.values())) == len(names):
-            return names
-    return {s: s for s in specs}
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -242,23 +151,25 @@ def _save(fig: Any, stem: Path, formats: Sequence[str], dpi: int) -> list[Path]:
 
 
 def make_figures(run: RunDir, formats: Sequence[str] = ("png", "svg"), dpi: int = 150,
-                 options: dict | None = None, only: Sequence[str] | None = None
+                 options: dict | None = None, only: Sequence[str] | None = None,
+                 dynamics: RunDir | None = None
                  ) -> tuple[list[FigureResult], list[SkippedFigure]]:
     """Draw every registered figure (or the ``only`` ids) into ``RUN/figures``.
 
     A figure whose tables are missing, or that :class:`Skip` s, is returned in the second list
     with its reason and leaves no file. Old files of figures no longer drawn are removed so
     the folder never shows a figure of an earlier state of the run. ``options`` are passed to
-    the figure functions (e.g. ``vocab_neuron``, ``models``, ``device``).
+    the figure functions (e.g. ``vocab_neuron``, ``models``, ``device``); ``dynamics`` is a
+    separate run directory of ``unineurons dynamics`` whose tables are drawn too.
     """
-    from . import plots_corr, plots_effects  # noqa: F401  (register the figures)
+    from . import plots_corr, plots_dynamics, plots_effects  # noqa: F401  (register the figures)
 
-    tables = Tables(run)
+    tables = Tables(run, dynamics)
     out_dir = run.figures_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn: list[FigureResult] = []
     skipped: list[SkippedFigure] = []
-    for spec in FIGURES:
+    for spec in sorted(FIGURES, key=lambda f: SECTIONS.index(f.section)):
         if only is not None and spec.id not in only:
             continue
         missing = [t for t in spec.needs if not tables.has(t)]
@@ -266,12 +177,10 @@ def make_figures(run: RunDir, formats: Sequence[str] = ("png", "svg"), dpi: int 
             if missing:
                 raise Skip(f"needs {', '.join(m + '.parquet' for m in missing)}, which the run "
                            f"does not have{_how(missing)}")
-            with plt.rc_context(STYLE):
+            with matplotlib.rc_context(STYLE):
                 d = spec.fn(tables, dict(options or {}))
                 files = _save(d.fig, out_dir / spec.id, formats, dpi)
-                plt.close(d.fig)
         except Skip as e:
-            plt.close("all")
             for old in out_dir.glob(f"{spec.id}.*"):
                 old.unlink()
             skipped.append(SkippedFigure(spec.id, spec.title, spec.section, str(e)))
@@ -303,8 +212,10 @@ def new_figure(n_panels: int, width: float = 4.2, height: float = 3.2, ncols: in
     """A figure of ``n_panels`` axes in a grid (row-major), unused axes removed."""
     ncols = ncols or min(n_panels, 3)
     nrows = math.ceil(n_panels / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False,
-                             layout="constrained")
+    # a bare Figure, not pyplot: no global backend or figure registry to leak into; savefig
+    # renders with Agg (png) or the SVG backend, never a window
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
     flat = axes.ravel()
     for ax in flat[n_panels:]:
         ax.remove()

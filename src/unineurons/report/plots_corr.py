@@ -54,12 +54,6 @@ def layer_summary(neurons: pd.DataFrame, share_t: float = SHARE_T) -> pd.DataFra
     return out.reset_index()
 
 
-def _models_panel(ax, summary: pd.DataFrame, col: str, t: Tables, **kw) -> None:
-    for i, (m, g) in enumerate(summary.groupby("model", sort=False)):
-        ax.plot(g["layer"], g[col], marker="o", color=PALETTE[i % len(PALETTE)],
-                label=t.short(m) if summary["model"].nunique() > 1 else None, **kw)
-
-
 @figure("correlation_by_layer", "Correlation with other seeds, by layer", "Universality",
         needs=["neurons"])
 def _correlation(t: Tables, opts: dict) -> Drawn:
@@ -73,7 +67,7 @@ def _correlation(t: Tables, opts: dict) -> Drawn:
     fig, (a, b) = new_figure(2, width=4.6)
     styles = [("max_corr", "-", "max ρ over partner neurons"),
               ("baseline_corr", "--", "rotation baseline"), ("ceiling_corr", ":", "ceiling")]
-    for i, (m, g) in enumerate(s.groupby("model", sort=False, observed=True)):
+    for i, (_, g) in enumerate(s.groupby("model", sort=False, observed=True)):
         for col, ls, label in styles:
             if col in g and g[col].notna().any():
                 a.plot(g["layer"], g[col], ls, marker="o", ms=3, color=PALETTE[i % len(PALETTE)],
@@ -92,7 +86,7 @@ def _correlation(t: Tables, opts: dict) -> Drawn:
     b.set_ylabel("excess correlation ϱ")
     b.set_title(f"excess correlation per neuron: {t.short(refs[0])}")
     layer_axis(b, layers)
-    b.legend(loc="upper left")
+    b.legend(loc="best")
     r = s[s["model"] == refs[0]].set_index("layer")
     n_univ = int(r["universal"].sum())
     cap = (f"Left: mean over each layer's neurons of {t.short(refs[0])} of the maximum "
@@ -313,12 +307,17 @@ def _vocab_neuron(t: Tables, opts: dict) -> Drawn:
         ax.hist(cos, bins=80, color=PALETTE[0], alpha=0.85)
         ax.set_yscale("log")
         ax.set_ylabel("tokens")
-        y = ax.get_ylim()[1]
-        for rows, color in ((top.head(6), PALETTE[3]), (bot.head(6), PALETTE[2])):
-            for j, r in enumerate(rows.itertuples()):
-                ax.axvline(r.cosine, color=color, lw=0.6, alpha=0.7)
-                ax.annotate(token_label(r.token), (r.cosine, y / (2.2 ** j + 1)), rotation=90,
-                            fontsize=7, color=color, ha="right", va="top")
+        ax.set_ylim(top=ax.get_ylim()[1] * 30)  # head room for the token lists
+        # the extreme tokens: marked on the axis, listed in the corners (labels at the
+        # cosines themselves would overlap: the extremes lie close together)
+        for rows, color, x, ha, head in ((bot.head(6), PALETTE[2], 0.01, "left", "suppressed"),
+                                         (top.head(6), PALETTE[3], 0.99, "right", "promoted")):
+            for r in rows.itertuples():
+                ax.axvline(r.cosine, ymax=0.08, color=color, lw=1.2)
+            text = "\n".join([head] + [f"{token_label(r.token)} {r.cosine:+.3f}"
+                                        for r in rows.itertuples()])
+            ax.text(x, 0.97, text, transform=ax.transAxes, ha=ha, va="top", fontsize=7,
+                    color=color, family="monospace")
     else:
         both = pd.concat([bot.head(10).iloc[::-1], top.head(10)])
         ax.barh(range(len(both)), both["cosine"],

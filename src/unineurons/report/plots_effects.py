@@ -1,6 +1,5 @@
-"""Figures of effects and training dynamics: family examples (Gurnee et al. fig. 4), entropy
-interventions (fig. 7), group ablations (Nandan et al. fig. 3-5) and the emergence and
-persistence of universal neurons over training (Nandan et al. fig. 1-2)."""
+"""Figures of effects: family examples (Gurnee et al. fig. 4), entropy and single-neuron
+interventions (fig. 7) and group ablations (Nandan et al. fig. 3-5)."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ from .figures import (
     token_label,
 )
 
-__all__ = ["family_examples", "intervention_curves", "ablation_summary", "dynamics_columns",
-           "persistence_matrix", "EXAMPLE_FAMILIES"]
+__all__ = ["family_examples", "intervention_curves", "ablation_summary", "EXAMPLE_FAMILIES"]
 
 EXAMPLE_FAMILIES = ["unigram", "previous", "alphabet", "position"]
 
@@ -43,16 +41,16 @@ def family_examples(t: Tables) -> list[dict]:
         cand = n[n["family"] == fam].copy()
         if cand.empty:
             continue
-        cand["_u"] = cand["is_universal"].fillna(False).astype(bool) if "is_universal" in cand \
+        cand["univ_"] = cand["is_universal"].fillna(False).astype(bool) if "is_universal" in cand \
             else False
-        cand = cand.sort_values(["_u", "family_score"], ascending=False)
+        cand = cand.sort_values(["univ_", "family_score"], ascending=False)
         for r in cand.itertuples():
             top = tc[(tc["layer"] == r.layer) & (tc["neuron"] == r.neuron)].sort_values("rank")
             if top.empty:
                 continue
             out.append({"family": fam, "layer": int(r.layer), "neuron": int(r.neuron),
                         "feature": r.family_feature, "score": float(r.family_score),
-                        "universal": bool(r._u), "top": _holds(fam, r, top, fams, ref)})
+                        "universal": bool(r.univ_), "top": _holds(fam, r, top, fams, ref)})
             break
     return out
 
@@ -129,8 +127,8 @@ def intervention_curves(df: pd.DataFrame, x: str, metrics: list[str]) -> pd.Data
     if "address" not in df:
         df["address"] = "L" + df["layer"].astype(str) + ".N" + df["neuron"].astype(str)
     df["group"] = np.where(df["kind"] == "random", "random", df["address"])
-    g = df.groupby(["group", x], sort=True)[metrics]
-    out = g.mean()
+    g = df.groupby(["group", x], sort=True)
+    out = g[metrics].mean()
     for m in metrics:
         out[f"{m}_min"] = g[m].min()
         out[f"{m}_max"] = g[m].max()
@@ -166,7 +164,7 @@ def _curves(t: Tables, table: str, x: str, metrics: list[tuple[str, str]], xlabe
             s = c[c["group"] == grp].set_index(x)[m]
             parts.append(f"{grp} {m}: " + ", ".join(f"{k:g}→{v:+.3g}" for k, v in s.items()))
     axes[0].legend(fontsize=7)
-    cap = (f"{what} of {t.short(model)}, mean over the evaluated predictions, as a function of "
+    cap = (f"{t.short(model)}: {what}, mean over the evaluated predictions, as a function of "
            f"the activation value the neuron is fixed at ({xlabel}). " + "; ".join(parts) + ".")
     return Drawn(fig, cap)
 
@@ -178,7 +176,7 @@ def _entropy(t: Tables, opts: dict) -> Drawn:
                    [("delta_entropy", "Δ entropy (nats)"), ("delta_loss", "Δ loss (nats)"),
                     ("delta_final_norm_scale", "Δ final-norm scale")],
                    "value / neuron's largest |activation|",
-                   "Change of next-token entropy, loss and final-norm scale when an entropy "
+                   "change of next-token entropy, loss and final-norm scale when an entropy "
                    "candidate (named) or a random late-layer neuron is fixed")
 
 
@@ -188,7 +186,7 @@ def _interventions(t: Tables, opts: dict) -> Drawn:
                    [("delta_entropy", "Δ entropy (nats)"), ("delta_loss", "Δ loss (nats)"),
                     ("delta_final_norm_scale", "Δ final-norm scale")],
                    "activation value",
-                   "Change of next-token entropy, loss and final-norm scale when a target neuron "
+                   "change of next-token entropy, loss and final-norm scale when a target neuron "
                    "(named) or a random last-layer neuron is fixed")
 
 
@@ -285,107 +283,3 @@ def _ablation_efficiency(t: Tables, opts: dict) -> Drawn:
     cap = ("Ablation efficiency: loss increase divided by the number of neurons ablated (mean "
            "over random draws). " + "; ".join(parts) + ".")
     return Drawn(fig, cap, notes)
-
-
-def dynamics_columns(df: pd.DataFrame, **wanted: tuple[str, ...]) -> dict[str, str]:
-    """Map each wanted role (keyword) to the first of its candidate column names present."""
-    out = {}
-    for role, names in wanted.items():
-        hit = next((c for c in names if c in df.columns), None)
-        if hit is None:
-            raise Skip(f"the table has none of the columns {', '.join(names)}")
-        out[role] = hit
-    return out
-
-
-@figure("dynamics_emergence", "Universal neurons over training", "Training dynamics",
-        needs=["emergence"])
-def _emergence(t: Tables, opts: dict) -> Drawn:
-    e = t["emergence"]
-    c = dynamics_columns(e, step=("step",), share=("universal_share",))
-    layers = sorted(e["layer"].unique())
-    fig, (ax,) = new_figure(1, width=5.5)
-    parts = []
-    for i, lay in enumerate(layers):
-        g = e[e["layer"] == lay].sort_values(c["step"])
-        ax.plot(g[c["step"]], 100 * g[c["share"]], "-o", ms=3, color=PALETTE[i % len(PALETTE)],
-                label=f"L{lay}")
-        parts.append(f"L{lay}: " + ", ".join(f"{s:g}→{100 * v:.1f}%" for s, v in
-                                             zip(g[c["step"]], g[c["share"]], strict=True)))
-    ax.set_xlabel("training step")
-    ax.set_ylabel("universal neurons (% of layer)")
-    ax.legend(ncol=2)
-    cap = ("Share of each layer's neurons that are universal at each training checkpoint "
-           "(step → share): " + "; ".join(parts) + ".")
-    return Drawn(fig, cap)
-
-
-def persistence_matrix(p: pd.DataFrame, layer: int, c: dict[str, str]) -> pd.DataFrame:
-    """P_persist(t → t') of one layer as a steps × steps frame (NaN where not defined)."""
-    g = p[p["layer"] == layer]
-    steps = sorted(set(g[c["a"]]) | set(g[c["b"]]))
-    return g.pivot_table(index=c["a"], columns=c["b"], values=c["p"], dropna=False).reindex(
-        index=steps, columns=steps)
-
-
-@figure("dynamics_persistence", "Persistence of universal neurons", "Training dynamics",
-        needs=["persistence"])
-def _persistence(t: Tables, opts: dict) -> Drawn:
-    p = t["persistence"]
-    c = dynamics_columns(p, a=("step", "step_from", "from_step"),
-                         b=("later_step", "step_to", "to_step", "next_step"),
-                         p=("p_persist", "persistence"))
-    layers = sorted(p["layer"].unique())
-    fig, axes = new_figure(len(layers), width=3.3, height=3.0, ncols=min(len(layers), 4))
-    parts = []
-    im = None
-    for ax, lay in zip(axes, layers, strict=True):
-        m = persistence_matrix(p, lay, c)
-        im = ax.imshow(m.to_numpy(float), vmin=0, vmax=1, cmap="viridis", origin="upper")
-        ax.set_xticks(range(len(m.columns)), [f"{s:g}" for s in m.columns], rotation=60, fontsize=7)
-        ax.set_yticks(range(len(m.index)), [f"{s:g}" for s in m.index], fontsize=7)
-        ax.set_xlabel("later step t′")
-        ax.set_ylabel("step t")
-        ax.set_title(f"layer {lay}")
-        ax.grid(False)
-        last = m.columns[-1]
-        parts.append(f"L{lay} P(t → {last:g}): " + ", ".join(
-            f"{s:g} {v:.2f}" if not math.isnan(v) else f"{s:g} n/a" for s, v in m[last].items()))
-    fig.colorbar(im, ax=list(axes), shrink=0.8, label="P_persist = |U_t ∩ U_t′| / |U_t|")
-    cap = ("Share of the neurons universal at step t that are still universal at a later step t′ "
-           "(n/a: no universal neuron at t). " + "; ".join(parts) + ".")
-    return Drawn(fig, cap)
-
-
-@figure("dynamics_ablations", "Ablation effect over training", "Training dynamics",
-        needs=["dynamics_ablations"])
-def _dynamics_ablations(t: Tables, opts: dict) -> Drawn:
-    d = t["dynamics_ablations"]
-    d = d[(d["layer"] == -1) & (d["n_ablated"] > 0)]
-    if d.empty:
-        raise Skip("dynamics_ablations.parquet has no whole-model rows")
-    meth = str(d["method"].iloc[0])
-    d = d[d["method"] == meth]
-    # per step, the largest size that step's universal set reached
-    fig, (ax,) = new_figure(1, width=5.5)
-    parts = []
-    for name in ("universal", "non-universal", "random"):
-        rows = []
-        for step, g in d.groupby("step"):
-            size = g.loc[g["set"] == "universal", "n_requested"].max()
-            s = g[(g["set"] == name) & (g["n_requested"] == size)]
-            if len(s):
-                rows.append((step, s["delta_loss"].mean(), s["n_ablated"].mean()))
-        if rows:
-            st, dl, na = zip(*rows, strict=True)
-            ax.plot(st, dl, "-o", ms=3, color=SET_COLORS[name], label=name)
-            parts.append(f"{name}: " + ", ".join(f"step {s:g} n={n:g} {v:+.3g}"
-                                                 for s, v, n in rows))
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("Δ loss (nats)")
-    ax.set_title(f"{meth} ablation of the largest universal set per step")
-    ax.legend()
-    cap = ("Loss increase when each checkpoint's largest universal set, and sets of the same "
-           "size of non-universal and random neurons, are ablated. " + "; ".join(parts) + ".")
-    return Drawn(fig, cap)

@@ -91,6 +91,7 @@ def run_window_activations(manifest: dict, top_contexts: pd.DataFrame,
     skipped (model or token store unavailable or changed)."""
     from ..analyses.interventions import load_run_model
     from ..tokens import TokenStore
+    from .browser import chosen_mask
 
     notes: list[str] = []
     info = (manifest.get("analyze") or {}).get("tokens") or {}
@@ -108,9 +109,7 @@ def run_window_activations(manifest: dict, top_contexts: pd.DataFrame,
     entries = {e["spec"]: e for e in manifest.get("models") or []}
     out: dict[str, list[np.ndarray | None]] = {}
     for model, g in top_contexts.groupby("model", sort=False):
-        want = chosen.get(model, set())
-        keep = np.array([(int(a), int(b)) in want for a, b in zip(g["layer"], g["neuron"],
-                                                                   strict=True)], dtype=bool)
+        keep = chosen_mask(g, chosen)
         if not keep.any():
             continue
         try:

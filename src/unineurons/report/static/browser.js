@@ -20,7 +20,7 @@
   var LAYER = COLS.layer ? COLS.layer.values : [];
   var NEURON = COLS.neuron ? COLS.neuron.values : [];
 
-  // ---- small helpers (no innerHTML anywhere) -------------------------------------------------
+  // ---- small helpers: text nodes only, data never parsed as HTML -----------------------
   function el(tag, props) {
     var node = document.createElement(tag);
     if (props) {
@@ -38,10 +38,12 @@
   function $(id) { return document.getElementById(id); }
   function address(layer, neuron) { return "L" + layer + ".N" + neuron; }
   function neuronHref(m, layer, neuron) { return "#/neuron/" + m + "/" + address(layer, neuron); }
-  function fmt(v) {
+  function corr(v) { return v === null || v === undefined ? "" : v.toFixed(3); }
+  // isFloat: a float column (its 1.0 shows as 1.00, not as the integer 1)
+  function fmt(v, isFloat) {
     if (v === null || v === undefined) return "";
     if (typeof v !== "number") return String(v);
-    if (Number.isInteger(v)) return String(v);
+    if (Number.isInteger(v) && !isFloat) return String(v);
     var a = Math.abs(v);
     if (a !== 0 && (a < 1e-3 || a >= 1e5)) return v.toExponential(2);
     return v.toPrecision(3);
@@ -59,6 +61,7 @@
     if (c.kind === "bool") { var b = c.values[i]; return b === null ? null : (b ? "yes" : "no"); }
     return c.values[i];
   }
+  function isFloat(name) { return COLS[name] !== undefined && COLS[name].kind === "num"; }
   function sortKey(name) {
     // a function i -> comparable value (numbers or strings; null sorts last)
     if (name === "model") return function (i) { return NEURONS.model[i]; };
@@ -177,23 +180,21 @@
     for (var i = 0; i < NEURONS.n; i++) {
       if (fm !== "" && NEURONS.model[i] !== +fm) continue;
       if (fl !== "" && LAYER[i] !== +fl) continue;
-      if (fu !== "" && univ && (univ.values[i] === null ? 0 : univ.values[i]) !== +fu) continue;
+      // untested neurons (null: partner seeds) are neither universal nor not universal
+      if (fu !== "" && univ && univ.values[i] !== +fu) continue;
       if (fr !== "" && (!role || role.codes[i] < 0 || role.levels[role.codes[i]] !== fr)) continue;
       if (ff !== "" && (!fam || fam.codes[i] < 0 || fam.levels[fam.codes[i]] !== ff)) continue;
       if (q) {
         if (qa) {
           if (LAYER[i] !== +qa[1]) continue;
-          // "L3.N12" is exact; "L3.N1" also lists L3.N10.. (prefix), "L3" the whole layer
-          if (qa[2] !== undefined && qa[2] !== "" && String(NEURON[i]).indexOf(qa[2]) !== 0) continue;
+          // "L3.N12" is that neuron (in every model); "L3" or "L3.N" the whole layer
+          if (qa[2] !== undefined && qa[2] !== "" && NEURON[i] !== +qa[2]) continue;
         } else {
           var f = feat && feat.codes[i] >= 0 ? feat.levels[feat.codes[i]].toLowerCase() : "";
           if (f.indexOf(ql) < 0) continue;
         }
       }
       out.push(i);
-    }
-    if (qa && qa[2]) {  // exact address matches first
-      out.sort(function (a, b) { return (String(NEURON[b]) === qa[2]) - (String(NEURON[a]) === qa[2]); });
     }
     if (state.sort) {
       var key = sortKey(state.sort), sign = state.desc ? -1 : 1;
@@ -244,7 +245,7 @@
         if (name === "address") {
           td = el("td", null, el("a", { href: neuronHref(NEURONS.model[i], LAYER[i], NEURON[i]) }, String(v)));
         } else {
-          td = el("td", { className: typeof v === "number" ? "num" : "" }, fmt(v));
+          td = el("td", { className: typeof v === "number" ? "num" : "" }, fmt(v, isFloat(name)));
           if (name === "is_universal" && v === "yes") td.classList.add("yes");
         }
         r.appendChild(td);
@@ -271,7 +272,7 @@
     c.items.forEach(function (it) {
       var value = it[0], pos = it[1], start = it[2], toks = it[4], acts = it[5];
       var line = el("div", { className: "ctx" });
-      line.appendChild(el("span", { className: "ctx-val", title: "activation of the top token; context row " + it[3] + ", position " + pos }, fmt(value)));
+      line.appendChild(el("span", { className: "ctx-val", title: "activation of the top token; context row " + it[3] + ", position " + pos }, fmt(value, true)));
       var text = el("span", { className: "ctx-text" });
       toks.forEach(function (sidx, j) {
         var s = STRINGS[sidx] || "";
@@ -280,7 +281,7 @@
         if (a > 0) span.style.backgroundColor = "rgba(213, 94, 0, " + Math.min(1, a).toFixed(2) + ")";
         else if (a < 0) span.style.backgroundColor = "rgba(0, 114, 178, " + Math.min(1, -a).toFixed(2) + ")";
         if (j === pos - start) span.classList.add("top-tok");
-        span.title = JSON.stringify(s) + (acts ? "  activation " + fmt(acts[j] / 100 * scale) : "");
+        span.title = JSON.stringify(s) + (acts ? "  activation " + fmt(acts[j] / 100 * scale, true) : "");
         text.appendChild(span);
       });
       line.appendChild(text);
@@ -294,7 +295,7 @@
     if (!items || !items.length) { box.appendChild(el("p", { className: "muted" }, "none stored")); return box; }
     var ol = el("ol");
     items.forEach(function (it) {
-      ol.appendChild(el("li", null, el("code", { className: "tok-code" }, showToken(STRINGS[it[0]] || "")), " ", el("span", { className: "muted" }, fmt(it[1]))));
+      ol.appendChild(el("li", null, el("code", { className: "tok-code" }, showToken(STRINGS[it[0]] || "")), " ", el("span", { className: "muted" }, fmt(it[1], true))));
     });
     box.appendChild(ol);
     return box;
@@ -334,17 +335,17 @@
         var p = M.partner[j];
         tb.appendChild(el("tr", null, el("td", null, modelName(p)),
           el("td", null, el("a", { href: neuronHref(p, M.argmax_layer[j], M.argmax_neuron[j]) }, address(M.argmax_layer[j], M.argmax_neuron[j]))),
-          el("td", { className: "num" }, fmt(M.max_corr[j])), el("td", { className: "num" }, fmt(M.baseline_corr[j])),
+          el("td", { className: "num" }, corr(M.max_corr[j])), el("td", { className: "num" }, corr(M.baseline_corr[j])),
           el("td", { className: "muted" }, "its best match")));
-        if (!seen[p]) { seen[p] = true; others.push([p, M.argmax_layer[j], M.argmax_neuron[j], "best match, \u03c1 " + fmt(M.max_corr[j])]); }
+        if (!seen[p]) { seen[p] = true; others.push([p, M.argmax_layer[j], M.argmax_neuron[j], "best match, \u03c1 " + corr(M.max_corr[j])]); }
       });
       rel.to.forEach(function (j) {
         var a = M.model[j];
         tb.appendChild(el("tr", null, el("td", null, modelName(a)),
           el("td", null, el("a", { href: neuronHref(a, M.layer[j], M.neuron[j]) }, address(M.layer[j], M.neuron[j]))),
-          el("td", { className: "num" }, fmt(M.max_corr[j])), el("td", { className: "num" }, fmt(M.baseline_corr[j])),
+          el("td", { className: "num" }, corr(M.max_corr[j])), el("td", { className: "num" }, corr(M.baseline_corr[j])),
           el("td", { className: "muted" }, "matches this neuron")));
-        if (!seen[a]) { seen[a] = true; others.push([a, M.layer[j], M.neuron[j], "its best match is this neuron, \u03c1 " + fmt(M.max_corr[j])]); }
+        if (!seen[a]) { seen[a] = true; others.push([a, M.layer[j], M.neuron[j], "its best match is this neuron, \u03c1 " + corr(M.max_corr[j])]); }
       });
       t.appendChild(tb);
       view.appendChild(t);
@@ -378,8 +379,7 @@
     NEURONS.columns.forEach(function (c) {
       var val = cell(c.name, i);
       if (val === null || val === undefined) return;
-      dl.appendChild(el("dt", null, c.name));
-      dl.appendChild(el("dd", null, fmt(val)));
+      dl.appendChild(el("div", { className: "stat" }, el("dt", null, c.name), el("dd", null, fmt(val, c.kind === "num"))));
     });
     view.appendChild(dl);
   }
