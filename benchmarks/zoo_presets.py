@@ -7,8 +7,8 @@ Usage (from the repository root; builds a stdlib token store on first use)::
     .venv/bin/python benchmarks/zoo_presets.py --presets          # micro / tiny / small as they are
 
 Method. On a shared machine wall-clock timings are noisy, so time enters only once, as a
-throughput: each setting's tokens/s is the best of ``--repeats`` short bursts on one thread,
-interleaved across settings, timed in *thread CPU time* (time spent waiting for a core held by
+throughput: each shape's (model, batch, ctx) tokens/s is the best of ``--repeats`` short bursts on
+one thread, interleaved across shapes, timed in *thread CPU time* (time spent waiting for a core held by
 other processes does not count; best-of discounts cache and memory contention). A setting
 then trains for ``seconds x tokens/s`` tokens, i.e. the number of steps it would do in that
 budget, with its schedule fitted to those steps; the resulting held-out loss depends on the
@@ -40,6 +40,9 @@ SETTINGS: dict[str, dict] = {
     "lr4e-3": {"lr": 4e-3},
     "lr3e-3_b16": {"lr": 3e-3, "batch_size": 16},
     "lr2e-3_b16": {"lr": 2e-3, "batch_size": 16},
+    "lr4e-3_b16": {"lr": 4e-3, "batch_size": 16},
+    "lr2e-3_b8": {"lr": 2e-3, "batch_size": 8},
+    "lr3e-3_b8": {"lr": 3e-3, "batch_size": 8},
     "lr6e-3_b64": {"lr": 6e-3, "batch_size": 64},
     "lr3e-3_ctx64_b64": {"lr": 3e-3, "ctx": 64, "batch_size": 64},
     "lr3e-3_ctx64_b32": {"lr": 3e-3, "ctx": 64, "batch_size": 32},
@@ -161,10 +164,18 @@ def main() -> None:
 
     # Throughput: interleaved bursts, best of --repeats (in a fresh 1-thread process each
     # round would cost an import per burst; one process, torch.set_num_threads(1), suffices).
-    tps = {n: 0.0 for n in runs}
+    # Settings that differ only in optimiser numbers (lr, ...) share one throughput, so that
+    # timing noise cannot hand one of them more tokens than another.
+    def shape(preset: str, ov: dict) -> tuple:
+        c = ZooConfig.from_preset(preset, **ov)
+        return (c.n_layer, c.n_embd, c.n_head, c.n_inner, c.batch_size, c.ctx)
+
+    shapes = {shape(*r): r for r in runs.values()}
+    best = dict.fromkeys(shapes, 0.0)
     for _ in range(args.repeats):
-        for n, (preset, ov) in runs.items():
-            tps[n] = max(tps[n], throughput(preset, ov, args.tokens))
+        for key, (preset, ov) in shapes.items():
+            best[key] = max(best[key], throughput(preset, ov, args.tokens))
+    tps = {n: best[shape(*r)] for n, r in runs.items()}
     plan = {}
     for n, (preset, ov) in runs.items():
         cfg = ZooConfig.from_preset(preset, **ov)

@@ -191,6 +191,11 @@ def test_resume_in_process_equals_uninterrupted(zoo, tiny_store, tiny_heldout_st
     assert _same_weights(zoo / "seed0" / "step8", tmp_path / "z" / "seed0" / "step8")
     assert _metrics(zoo, 0) == _metrics(tmp_path / "z", 0)
 
+    # A seed added later equals the same seed trained beside others from the start.
+    train_zoo(tiny_store, tmp_path / "z", **{**args, "seeds": (1,)})
+    assert json.loads((tmp_path / "z" / "zoo.json").read_text())["seeds"] == [0, 1]
+    assert _same_weights(zoo / "seed1" / "step8", tmp_path / "z" / "seed1" / "step8")
+
 
 def test_killed_cli_run_resumes_bitwise(tiny_store, tiny_heldout_store, tmp_path):
     """SIGKILL the CLI mid-run, rerun the same command, compare with one uninterrupted run."""
@@ -289,7 +294,9 @@ def test_rerun_with_other_settings_is_refused(capsys, zoo, tiny_store, tiny_held
 
 
 def test_info_cli(capsys, zoo):
-    main(["zoo", "info", str(zoo)])
+    with pytest.raises(SystemExit) as e:  # main() always exits, with 0 on success
+        main(["zoo", "info", str(zoo)])
+    assert not e.value.code
     out = capsys.readouterr().out
     assert "zoo micro" in out and "8/8" in out
     err = _cli_error(capsys, ["zoo", "info", str(zoo / "seed0")])

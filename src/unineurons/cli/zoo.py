@@ -27,20 +27,21 @@ def zoo_train(
     seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated distinct seeds; each "
                               "sets both the initial weights and the data order of one model."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps per seed "
-                                     "[default: the preset's]."),
+                                     "(default: the preset's)."),
     checkpoints: str | None = typer.Option(None, "--checkpoints", help="Comma-separated steps "
                                            "to save (1..--steps); the last step is always saved "
-                                           "[default: 1/8, 1/4, 1/2 and all of --steps]."),
+                                           "(default: 1/8, 1/4, 1/2 and all of --steps)."),
     workers: int | None = typer.Option(None, "--workers", help="Seeds trained at once, one process "
-                                       "and one CPU thread each [default: min(seeds, CPUs)]."),
+                                       "and one CPU thread each (default: min(seeds, CPUs))."),
     lr: float | None = typer.Option(None, "--lr", help="Peak AdamW learning rate "
-                                    "[default: the preset's]."),
+                                    "(default: the preset's)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Contexts per step "
-                                          "[default: the preset's]."),
+                                          "(default: the preset's)."),
     ctx: int | None = typer.Option(None, "--ctx", help="Train on the first CTX tokens of each "
-                                   "row [default: the token store's ctx]."),
+                                   "row; later positions stay untrained, so prefer a store built "
+                                   "with this --ctx (default: the token store's ctx)."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Held-out loss every N "
-                                          "steps and at each checkpoint [default: the preset's]."),
+                                          "steps and at each checkpoint (default: the preset's)."),
 ) -> None:
     """Train one GPT-2 per seed; rerunning the same command resumes from the last checkpoints."""
     from ..zoo import parse_int_list, train_zoo, zoo_info

@@ -1,16 +1,15 @@
 """Zoo presets: the model shape and training hyper-parameters of a seed family.
 
-A :class:`ZooConfig` is everything that decides what a zoo's models become *except* the seed,
-the number of steps and the data: two zoos trained with equal configs, steps and token store
-hold bitwise-equal models seed for seed. Configs are frozen and validated on construction;
+A :class:`ZooConfig` is everything that decides what a zoo's models become *except* the seed
+and the data: two zoos trained with equal configs on the same token store hold bitwise-equal
+models seed for seed. Configs are frozen and validated on construction;
 presets are named configs, and overrides make a new config (:meth:`ZooConfig.from_preset`).
 
-Presets (tokens/s measured on a 2-core CPU, one thread per seed; see ``benchmarks/zoo_presets.py``
-and the tuning notes in :data:`PRESETS`):
+Presets (see the tuning notes at :data:`PRESETS` and ``benchmarks/zoo_presets.py``):
 
-- ``micro``: 1 layer, width 32, for tests (a few steps train in well under a second);
-- ``tiny``: 2 layers, width 128, for the demo (5 seeds within about 8 minutes on 2 cores);
-- ``small``: 6 layers, width 384, for research runs (hours on a CPU).
+- ``micro``: 1 layer, width 32, MLP 128, for tests (a few steps train in well under a second);
+- ``tiny``: 2 layers, width 128, MLP 512, for the demo (5 seeds in about 8 minutes on 2 cores);
+- ``small``: 4 layers, width 256, MLP 1024, for research runs (hours per seed on a CPU).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ class ZooConfig:
     # ---- optimisation ----------------------------------------------------------------------
     lr: float  #: peak learning rate of AdamW
     batch_size: int  #: contexts per step (one step = batch_size x ctx tokens)
-    steps: int  #: default number of optimizer steps when none is given
+    steps: int  #: optimizer steps per seed (the schedule spans them); a preset's is a default
     warmup_frac: float = 0.05  #: linear warmup over this fraction of the steps (at least 1 step)
     decay: Literal["cosine", "linear"] = "cosine"  #: shape of the decay after warmup
     min_lr_ratio: float = 0.1  #: the decay ends at lr * min_lr_ratio on the last step
@@ -128,8 +127,18 @@ def lr_at(cfg: ZooConfig, step: int, total_steps: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape)
 
 
-#: Named configs. ``tiny`` was tuned for held-out loss per CPU-second on a 2-core machine
-#: (benchmarks/zoo_presets.py); ``small`` follows the usual small-GPT recipe, untuned.
+#: Named configs.
+#:
+#: ``tiny`` is tuned for held-out loss per CPU-second on a 2-core machine (stdlib corpus, BPE
+#: 4096, ctx 128; benchmarks/zoo_presets.py, budget 160 single-thread CPU-seconds per seed):
+#: lr 1e-3 / batch 32 (the starting point) reached held-out loss 4.91; lr 3e-3 / batch 16 4.30.
+#: At this budget more, smaller steps win (batch 8 was no better than 16); lr 4e-3 and above
+#: was worse, and ctx 64 was no better than 128 on the same first 64 positions. 500 steps of
+#: 16 x 128 tokens (~1M tokens) take about 2.3 minutes per seed on one core, so 5 seeds on 2
+#: workers take about 7.5 minutes.
+#:
+#: ``small`` follows the usual small-GPT recipe and is not tuned: about 2,000 tokens/s per CPU
+#: thread, so 4,000 steps (16M tokens) take about 2.3 hours per seed on a CPU.
 PRESETS: dict[str, ZooConfig] = {
     "micro": ZooConfig(
         preset="micro", n_layer=1, n_embd=32, n_head=2, n_inner=128,
@@ -137,10 +146,10 @@ PRESETS: dict[str, ZooConfig] = {
     ),
     "tiny": ZooConfig(
         preset="tiny", n_layer=2, n_embd=128, n_head=4, n_inner=512,
-        lr=3e-3, batch_size=32, steps=300, log_every=10, eval_every=50, eval_contexts=128,
+        lr=3e-3, batch_size=16, steps=500, log_every=10, eval_every=100, eval_contexts=128,
     ),
     "small": ZooConfig(
-        preset="small", n_layer=6, n_embd=384, n_head=6, n_inner=1536,
-        lr=1e-3, batch_size=32, steps=5000, log_every=20, eval_every=250, eval_contexts=256,
+        preset="small", n_layer=4, n_embd=256, n_head=4, n_inner=1024,
+        lr=2e-3, batch_size=32, steps=4000, log_every=20, eval_every=250, eval_contexts=256,
     ),
 }

@@ -9,11 +9,18 @@ depend on how many seeds run side by side (thread count can change float summati
 On disk, per seed::
 
     seed{S}/
-      metrics.jsonl            one row per log step: step, tokens, train_loss, [heldout_loss], ...
+      metrics.jsonl            one JSON row every log_every steps and at each checkpoint:
+                                 step, tokens (seen so far = step x batch x ctx),
+                                 train_loss (mean over the steps since the last row),
+                                 heldout_loss (every eval_every steps and at checkpoints),
+                                 lr (of the last step), elapsed_s (wall time on this seed,
+                                 all runs, evals and checkpoints included), tokens_per_s
+                                 (training steps only, since the last row)
       step{N}/                 HF checkpoint: config.json, model.safetensors, tokenizer files,
                                zoo_checkpoint.json (seed, step, losses)
-      resume/state.json        the last checkpoint's step, RNG state, optimizer hyper-parameters
-      resume/state-step{N}.safetensors   weights + AdamW moments at that step (no pickle)
+      resume/state.json        the last checkpoint's step, AdamW hyper-parameters, elapsed
+                               time, metrics.jsonl length and a fingerprint of the settings
+      resume/state-step{N}.safetensors   weights, AdamW moments and torch RNG state (no pickle)
 
 ``state.json`` is written last (atomically), so it always names a complete state: a process
 killed anywhere resumes from the last checkpoint and ends bitwise-equal to an uninterrupted run.
@@ -260,7 +267,8 @@ def train_seed(spec: ZooSpec, seed: int, tokenizer: Any = None,
     opt = _optimizer(model, cfg)
     state = _load_state(sdir, model, opt, spec.fingerprint)
     start = 0 if state is None else int(state["step"])
-    elapsed = 0.0 if state is None else float(state["elapsed_s"])
+    run_t0 = time.perf_counter()
+    base_elapsed = 0.0 if state is None else float(state["elapsed_s"])  # earlier runs' time
     # Rows logged after the last checkpoint will be logged again: cut them off.
     keep = 0 if state is None else int(state["metrics_bytes"])
     if metrics.exists() and metrics.stat().st_size > keep:
@@ -272,8 +280,7 @@ def train_seed(spec: ZooSpec, seed: int, tokenizer: Any = None,
     order = _Order(seed, store.n_contexts, cfg.batch_size)
     ckpts = set(spec.checkpoints)
     tokens_per_step = cfg.batch_size * spec.ctx
-    loss_sum, loss_n = 0.0, 0
-    last_row_t, last_row_step = time.perf_counter(), start
+    loss_sum, loss_n, step_time = 0.0, 0, 0.0  # since the last metrics row
     last: dict[str, Any] = {}
     for step in range(start, spec.steps):
         t0 = time.perf_counter()
@@ -288,31 +295,29 @@ def train_seed(spec: ZooSpec, seed: int, tokenizer: Any = None,
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        elapsed += time.perf_counter() - t0
+        step_time += time.perf_counter() - t0
         loss_sum += float(loss.detach())
         loss_n += 1
         done = step + 1
 
         if done % cfg.log_every == 0 or done in ckpts:
-            now = time.perf_counter()
             row: dict[str, Any] = {"step": done, "tokens": done * tokens_per_step,
                                    "train_loss": loss_sum / loss_n}
             if held is not None and (done % cfg.eval_every == 0 or done in ckpts):
                 row["heldout_loss"] = _heldout_loss(model, held, cfg.batch_size)
-            row |= {"lr": lr, "elapsed_s": round(elapsed, 3),
-                    "tokens_per_s": round((done - last_row_step) * tokens_per_step
-                                          / max(now - last_row_t, 1e-9), 1)}
+            row |= {"lr": lr,
+                    "elapsed_s": round(base_elapsed + time.perf_counter() - run_t0, 3),
+                    "tokens_per_s": round(loss_n * tokens_per_step / max(step_time, 1e-9), 1)}
             with open(metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
             last = row
-            loss_sum, loss_n = 0.0, 0
-            last_row_t, last_row_step = time.perf_counter(), done
+            loss_sum, loss_n, step_time = 0.0, 0, 0.0
         if done in ckpts:
             _save_checkpoint(sdir, done, model, tokenizer, {"seed": seed, **last,
                                                            "preset": cfg.preset})
-            _save_state(sdir, done, model, opt, {"elapsed_s": elapsed,
-                                                 "metrics_bytes": metrics.stat().st_size,
-                                                 "fingerprint": spec.fingerprint})
+            _save_state(sdir, done, model, opt, {
+                "elapsed_s": base_elapsed + time.perf_counter() - run_t0,
+                "metrics_bytes": metrics.stat().st_size, "fingerprint": spec.fingerprint})
         if report is not None:
             report(1)
     if not last and metrics.exists():  # nothing to do: the seed was finished already
