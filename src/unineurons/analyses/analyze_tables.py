@@ -88,6 +88,8 @@ def properties_table(neurons: pd.DataFrame) -> pd.DataFrame | None:
     """
     if "is_universal" not in neurons.columns or neurons["is_universal"].isna().all():
         return None
+    # only models the correlate stage ranked (in reference mode, the reference)
+    neurons = neurons[neurons["is_universal"].notna()]
     stats = [c for c in neurons.columns if c not in NOT_PROPERTIES and "corr" not in c
              and pd.api.types.is_numeric_dtype(neurons[c]) and not pd.api.types.is_bool_dtype(
                  neurons[c])]

@@ -38,6 +38,11 @@ def print_counts(counts: pd.DataFrame, column: str, console) -> None:
 
 def print_properties(props: pd.DataFrame, console, top: int = 10) -> None:
     """The statistics that set universal neurons apart most (mean z over layers)."""
+    empty = sorted(set(props["model"]) - set(props.loc[props["n_universal"] > 0, "model"]))
+    for model in empty:
+        console.print(f"[yellow]note[/]: {model} has no universal neuron at the threshold: nothing to "
+                      "compare (layers.parquet shows how far its best matches are above the baseline)")
+    props = props[props["n_universal"] > 0]
     g = props.groupby(["model", "statistic"], sort=False)[["universal_mean_z", "other_mean_z"]]
     mean = g.mean().reset_index()
     mean["gap"] = mean["universal_mean_z"] - mean["other_mean_z"]
