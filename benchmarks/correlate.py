@@ -11,12 +11,28 @@ store and five random GPT-2s of the zoo's ``tiny`` shape (2 layers, d_model 128,
     against forward passes + the bare GEMMs the statistics need (the roofline of any method).
 (c) anchor: the authors' algorithm (every pair run separately; per-layer-pair fp32 products
     and sums added into float64 host arrays every batch; ρ from Σxy − ΣxΣy/n) against ours.
+(d) scaling: the same run on 1x, 2x, 4x ``--scale-tokens`` tokens (models loaded once); the
+    ratio to 1x should be 1, 2, 4 (fixed costs: planning, rotations, the tables).
+(e) Ray: ``--backend ray`` with 1 and 2 local workers (one thread each) on ``--n-tokens``,
+    against the local run of (b) (all threads); each Ray run includes starting its actors.
+(f) memory: peak RSS growth of a run in a fresh process (after the imports) against the
+    plan's peak (weights + batch buffers + accumulators), for one pass and for several.
+(g) bf16: max |ρ_dtype - ρ_float64| over every neuron pair (and over each neuron's max ρ)
+    when each fold's cross product is computed in bfloat16 (on CPU: bf16 output; as on CUDA:
+    bf16 inputs with fp32 accumulation and output), on activations of two trained ``tiny``
+    seeds (``--train-steps``; 0: the random ones) and on synthetic data with the structure of
+    MLP activations; and the end-to-end difference of the tables (bfloat16 run vs float64 run).
+
+Timings on a shared machine are noisy: compare ratios measured in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unineurons.accumulators.comoments import CoMoments
+from unineurons.accumulators.comoments import CoMoments, LayerCov, shift_of, shifted
 from unineurons.correlate.config import CorrelateConfig
 from unineurons.correlate.engine import run_correlate
 from unineurons.models.load import load_model
@@ -126,13 +142,174 @@ def anchor(models, store, n_tokens, batch_size) -> float:
     return time.perf_counter() - t0
 
 
+def bench_scaling(paths, models, tokens, base: int, batch_size: int, tmp: Path) -> list[tuple[float, float]]:
+    """(wall, CPU) seconds of the same run on base, 2 x base and 4 x base tokens (models loaded
+    once). CPU time (this process, all threads) does not count waiting for a busy core."""
+    times = []
+    for k in (1, 2, 4):
+        t0, c0 = time.perf_counter(), time.process_time()
+        run_correlate(CorrelateConfig(models=paths, tokens=tokens, n_tokens=k * base, batch_size=batch_size,
+                                      checkpoint_tokens=10**12), tmp / f"scale{k}", models=models)
+        times.append((time.perf_counter() - t0, time.process_time() - c0))
+    return times
+
+
+def bench_ray(paths, models, tokens, n_tokens: int, batch_size: int, tmp: Path
+              ) -> dict[int, tuple[float, float]] | None:
+    """(wall seconds, workers' CPU seconds) of the Ray backend with 1 and 2 local workers;
+    None without Ray."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        out = {}
+        for w in (1, 2):
+            t0 = time.perf_counter()
+            run_correlate(CorrelateConfig(models=paths, tokens=tokens, n_tokens=n_tokens, batch_size=batch_size,
+                                          checkpoint_tokens=10**12, backend="ray", workers=w),
+                          tmp / f"ray{w}", models=models)
+            wall = time.perf_counter() - t0
+            stats = json.loads((tmp / f"ray{w}" / "manifest.json").read_text())["correlate_ray"]["passes"]
+            out[w] = (wall, sum(p["worker_cpu_seconds"] for p in stats.values()))
+        return out
+    finally:
+        ray.shutdown()
+
+
+# The peak is VmHWM, the high-water mark of this process's own memory map: ru_maxrss would
+# carry over the parent's RSS (Linux keeps it across fork + exec).
+_MEMORY_RUN = """
+import json, os, sys
+import transformers, unineurons.stream, unineurons.correlate.summarize  # imports are not the run's memory
+from transformers import AutoTokenizer, GPT2LMHeadModel  # noqa: F401
+from unineurons.correlate.config import CorrelateConfig
+from unineurons.correlate.engine import run_correlate
+from unineurons.progress import set_quiet
+set_quiet(True)
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+base = rss()
+res = run_correlate(CorrelateConfig(**json.loads(sys.argv[1])), sys.argv[2])
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"growth": peak - base, "planned": res.plan.peak_bytes, "passes": len(res.plan.passes),
+                  "pass_max": max(res.plan.pass_bytes), "persistent": res.plan.persistent_bytes,
+                  "stream": res.plan.stream_bytes}))
+"""
+
+
+def bench_memory(cfg: dict, out: Path) -> dict:
+    """Peak RSS growth of one run in a fresh process, and its plan."""
+    r = subprocess.run([sys.executable, "-c", _MEMORY_RUN, json.dumps(cfg), str(out)],
+                       capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _train_pair(tmp: Path, tok: Path, steps: int) -> list[str]:
+    """Two ``tiny`` zoo seeds trained for ``steps`` on a stdlib train split."""
+    from unineurons.tokens import build_token_store
+    from unineurons.zoo.run import train_zoo, zoo_checkpoints
+
+    build_token_store("stdlib", str(tok), 128, 400_000, tmp / "train_tokens", split="train")
+    zoo = train_zoo(tmp / "train_tokens", tmp / "zoo", preset="tiny", seeds=(0, 1), steps=steps,
+                    checkpoints=(steps,), workers=2)
+    ck = zoo_checkpoints(zoo)
+    return [str(ck[s][steps]) for s in (0, 1)]
+
+
+def _round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 rounded to TF32 (10 mantissa bits), as tensor cores read it."""
+    i = x.contiguous().view(torch.int32)
+    return ((i + 0x1000) & -0x2000).view(torch.float32)
+
+
+#: (name, compute dtype, how the shifted rows are rounded before an fp32 GEMM, or None)
+MODES = (("float32", torch.float32, None),
+         ("bfloat16 (CPU)", torch.bfloat16, None),
+         ("bf16 in, fp32 acc (CUDA)", torch.bfloat16, lambda t: t.float()),
+         ("tf32 (CUDA)", torch.float32, _round_tf32))
+
+
+def rho_errors(x: torch.Tensor, y: torch.Tensor, n_layers: int, fold: int = 8192) -> dict[str, tuple]:
+    """max |Δρ| over all pairs and max |Δ max_j ρ_ij| over rows, against exact float64, for
+    the products in float32, bfloat16 (CPU: bf16 output), bf16 inputs with fp32 accumulation
+    (what the CUDA path computes) and tf32 inputs (CUDA ``--dtype tf32``), the last two
+    emulated on CPU; ``fold`` rows at a time, as the engine folds."""
+    xd, yd = x.double(), y.double()
+    xc, yc = xd - xd.mean(0), yd - yd.mean(0)  # [n, da], [n, db]
+    sx, sy = xc.norm(dim=0), yc.norm(dim=0)
+    ok_x, ok_y = sx > 1e-8 * sx.max(), sy > 1e-8 * sy.max()
+    ref = (xc.T @ yc) / torch.outer(sx, sy)  # [da, db] exact ρ
+    ref = ref[ok_x][:, ok_y]
+    out = {}
+    for name, dtype, rounding in MODES:
+        co = CoMoments(x.shape[1], y.shape[1], compute_dtype=dtype)
+        lx = LayerCov(n_layers, x.shape[1] // n_layers, compute_dtype=dtype)
+        ly = LayerCov(n_layers, y.shape[1] // n_layers, compute_dtype=dtype)
+        for a in range(0, x.shape[0], fold):
+            xb, yb = x[a:a + fold], y[a:a + fold]
+            s_x, s_y = shift_of(xb), shift_of(yb)
+            xs, ys = shifted(xb, s_x, dtype), shifted(yb, s_y, dtype)
+            if rounding is not None:  # rounded inputs, products and sums in fp32
+                xs, ys = rounding(xs), rounding(ys)
+            co.update_shifted(s_x, s_y, xs, ys)
+            lx.update_shifted(s_x, xs)
+            ly.update_shifted(s_y, ys)
+        rho = co.c / torch.outer(lx.m2().sqrt(), ly.m2().sqrt())
+        rho = rho[ok_x][:, ok_y]
+        out[name] = (float((rho - ref).abs().max()), float((rho.amax(1) - ref.amax(1)).abs().max()))
+    return out
+
+
+def synthetic_acts(n: int = 32768, d: int = 1024, k: int = 128, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two [n, d] "models" with the structure of MLP activations: GELU of a shared low-rank
+    signal plus noise, mostly-negative biases (sparse, heavy-tailed outputs), scales over two
+    orders of magnitude; 10% of y's neurons are noisy copies of x's (ρ from 0.6 to 0.99999)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, k, generator=g)  # shared latent features
+    spec = torch.logspace(0, -1.5, k)[None, :]  # decaying feature variances
+
+    def model(w_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.randn(k, d, generator=g) * spec.T / k**0.5 * w_scale
+        pre = z @ w + 0.3 * torch.randn(n, d, generator=g) - 1.0 + 0.5 * torch.randn(d, generator=g)
+        scale = torch.exp(torch.empty(d).uniform_(-2.3, 2.3, generator=g))  # 0.1 .. 10
+        return pre, scale
+
+    px, cx = model(3.0)
+    py, cy = model(3.0)
+    m = d // 10
+    noise = torch.logspace(-3, 0, m)[None, :]  # copies from ρ ~0.99999 down to ~0.6
+    py[:, :m] = px[:, :m] + noise * torch.randn(n, m, generator=g) * px[:, :m].std(0)
+    gelu = torch.nn.functional.gelu
+    return gelu(px) * cx, gelu(py) * cy
+
+
+def table_errors(paths: list[str], tokens: str, n_tokens: int, tmp: Path) -> dict[str, float]:
+    """max |Δ| of the neurons table columns, bfloat16 run against float64 run."""
+    import pandas as pd
+
+    runs = {}
+    for dt in ("float64", "bfloat16"):
+        run_correlate(CorrelateConfig(models=paths, tokens=tokens, n_tokens=n_tokens, dtype=dt,
+                                      checkpoint_tokens=10**12), tmp / f"e2e_{dt}")
+        runs[dt] = pd.read_parquet(tmp / f"e2e_{dt}" / "neurons.parquet")
+    a, b = runs["float64"], runs["bfloat16"]
+    out = {c: float((a[c] - b[c]).abs().max()) for c in ("max_corr", "baseline_corr", "excess_corr")}
+    out["universal_flips"] = int((a.is_universal != b.is_universal).sum())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*")
     ap.add_argument("--tokens")
     ap.add_argument("--n-tokens", type=int, default=65_536)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--scale-tokens", type=int, default=16_384, help="(d): 1x of 1x/2x/4x (4x <= the store)")
+    ap.add_argument("--train-steps", type=int, default=150, help="(g): steps of the two trained seeds; 0: none")
+    ap.add_argument("--skip", default="", help="comma-separated sections among c-g to skip, e.g. c,e")
     args = ap.parse_args()
+    skip = set(args.skip.split(","))
     set_quiet(True)
     tmp = Path(tempfile.mkdtemp(prefix="unineurons_bench_"))
     try:
@@ -148,11 +325,11 @@ def main() -> None:
                          f"{r['ratio']:.2f}"))
         fwd = forward_only(models, store, args.n_tokens, args.batch_size)
         roof = gemm_roofline(models, store, args.n_tokens, args.batch_size)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         run_correlate(CorrelateConfig(models=paths, tokens=tokens, n_tokens=args.n_tokens,
                                       batch_size=args.batch_size, checkpoint_tokens=10**12), tmp / "run")
-        ours = time.perf_counter() - t0
-        anc = anchor(models, store, args.n_tokens, args.batch_size)
+        ours, ours_cpu = time.perf_counter() - t0, time.process_time() - c0
+        anc = anchor(models, store, args.n_tokens, args.batch_size) if "c" not in skip else float("nan")
         tok = store.n_contexts_for(args.n_tokens) * store.ctx
         rows.append(("(b) correlate run, 5 models", f"{ours:.2f} s ({tok / ours:,.0f} tok/s)",
                      f"forward passes alone {fwd:.2f} s", f"{ours / fwd:.2f}x"))
@@ -160,6 +337,54 @@ def main() -> None:
                      f"{ours / roof:.2f}x"))
         rows.append(("(c) anchor algorithm, 4 pairs", f"{anc:.2f} s (no baseline, no ceiling)",
                      f"ours {ours:.2f} s (with baseline + ceiling)", f"{anc / ours:.2f}x faster"))
+        if "d" not in skip:
+            ts = bench_scaling(paths, models, tokens, args.scale_tokens, args.batch_size, tmp)
+            for k, (wall, cpu) in zip((1, 2, 4), ts, strict=True):
+                rows.append((f"(d) scaling: {k}x {args.scale_tokens:,} tokens", f"CPU {cpu:.2f} s (wall {wall:.2f} s)",
+                             f"1x: CPU {ts[0][1]:.2f} s (ideal ratio {k})",
+                             f"{cpu / ts[0][1]:.2f} (wall {wall / ts[0][0]:.2f})"))
+        ray_t = bench_ray(paths, models, tokens, args.n_tokens, args.batch_size, tmp) if "e" not in skip else None
+        if ray_t:
+            for w in (1, 2):
+                rows.append((f"(e) ray, {w} worker(s), 1 thread each", f"{ray_t[w][0]:.2f} s (workers' CPU "
+                             f"{ray_t[w][1]:.1f} s)", f"local {ours:.2f} s (CPU {ours_cpu:.1f} s, "
+                             f"{torch.get_num_threads()} threads)", f"{ray_t[w][0] / ours:.2f}x local"))
+            rows.append(("(e) ray, 2 workers vs 1", f"{ray_t[2][0]:.2f} s", f"1 worker {ray_t[1][0]:.2f} s",
+                         f"{ray_t[1][0] / ray_t[2][0]:.2f}x speed-up"))
+        if "f" not in skip:
+            base = dict(models=paths, tokens=tokens, n_tokens=args.scale_tokens, batch_size=args.batch_size,
+                        checkpoint_tokens=10**12, accumulate_tokens=4096)
+            one = bench_memory(base, tmp / "mem1")
+            # a third of one pass's co-moments: the plan needs several passes
+            small = one["persistent"] + one["stream"] + one["pass_max"] // 3
+            few = bench_memory({**base, "memory_budget": str(small)}, tmp / "mem2")
+            for name, m in (("default budget", one), ("small budget", few)):
+                rows.append((f"(f) peak memory, {name}, {m['passes']} pass(es)", f"{m['growth'] / 1e6:,.0f} MB",
+                             f"planned {m['planned'] / 1e6:,.0f} MB (stream {m['stream'] / 1e6:,.0f} MB)",
+                             f"{m['growth'] / m['planned']:.2f}"))
+        if "g" not in skip:
+            tok_dir = Path(store.manifest["tokenizer"]["path"])
+            pair = _train_pair(tmp, tok_dir, args.train_steps) if args.train_steps else paths[:2]
+            what = f"tiny trained {args.train_steps} steps" if args.train_steps else "tiny random init"
+            ms = [load_model(p) for p in pair]
+            g_tok = min(32_768, store.n_contexts * store.ctx)
+            acts = [[], []]
+            for b in activation_stream(ms, store.contexts(g_tok), store.manifest["tokenizer"], batch_size=16):
+                for i in range(2):
+                    acts[i].append(b.acts[i])
+            x, y = (torch.cat(a) for a in acts)
+            L = ms[0].adapter.n_layers
+            for label, errs in ((f"{what}, {x.shape[0]:,} tokens", rho_errors(x, y, L)),
+                                ("synthetic 32,768 x 1024", rho_errors(*synthetic_acts(), 1))):
+                f32 = errs["float32"]
+                for mode, _, _ in MODES[1:]:
+                    e = errs[mode]
+                    rows.append((f"(g) {mode} max|Δρ|, {label}", f"{e[0]:.2e} (max ρ per neuron {e[1]:.2e})",
+                                 f"float32 {f32[0]:.2e} ({f32[1]:.2e})", f"{e[0] / max(f32[0], 1e-300):,.0f}x"))
+            te = table_errors(pair, tokens, g_tok, tmp)
+            rows.append((f"(g) bfloat16 run vs float64 run, {what}",
+                         f"max|Δ| max_corr {te['max_corr']:.1e}, baseline {te['baseline_corr']:.1e}, "
+                         f"excess {te['excess_corr']:.1e}", f"is_universal flips: {te['universal_flips']}", "-"))
         print(f"\nmodels: {len(models)} x {N} neurons; tokens: {tok:,}; threads: {torch.get_num_threads()}")
         w = [max(len(r[i]) for r in rows) for i in range(4)]
         head = ("measure", "ours", "reference", "ratio")

@@ -82,6 +82,15 @@ def register(app: typer.Typer) -> None:
         keep_newline: bool = typer.Option(False, help=(
             "Keep newline-token positions (dropped by default, as in the paper)."
         )),
+        backend: str = typer.Option("local", help=(
+            "local: this process; ray: token shards on Ray workers, states merged here "
+            "(pip install 'unineurons\\[ray]')."  # \[: rich would read [ray] as markup
+        )),
+        ray_address: str = typer.Option(None, help=(
+            "Ray cluster to join (auto or HOST:PORT; default: RAY_ADDRESS, else a local instance)."
+        )),
+        workers: int = typer.Option(1, help="Ray workers; each loads the models once (--backend ray)."),
+        cpus_per_worker: int = typer.Option(1, help="CPU cores each Ray worker reserves (--backend ray)."),
     ) -> None:
         """Correlate every neuron of the reference model with every neuron of the other seeds;
         compare with the random-rotation baseline and mark universal neurons."""
@@ -93,9 +102,11 @@ def register(app: typer.Typer) -> None:
         cfg = build_config(
             CorrelateConfig, models=model, tokens=str(tokens), n_tokens=n_tokens, pairs=pairs,
             baseline=baseline, threshold=threshold, ceiling=ceiling, top_k=top_k,
-            batch_size=batch_size, accumulate_tokens=accumulate_tokens, device=device, dtype=dtype, memory_budget=memory_budget,
+            batch_size=batch_size, accumulate_tokens=accumulate_tokens, device=device, dtype=dtype,
+            memory_budget=memory_budget,
             seed=seed, save_full_matrix=save_full_matrix, checkpoint_tokens=checkpoint_tokens,
-            drop_newline=not keep_newline,
+            drop_newline=not keep_newline, backend=backend, ray_address=ray_address, workers=workers,
+            cpus_per_worker=cpus_per_worker,
         )
         res = run_correlate(cfg, out, resume=resume)
         if res.reused:
@@ -113,7 +124,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command("plan")
     def plan(
-        model: list[str] = typer.Option(..., "--model", "-m", help="Model spec; repeat. Only configs are read: no weights."),
+        model: list[str] = typer.Option(..., "--model", "-m", help=(
+            "Model spec; repeat. Only configs are read: no weights.")),
         n_tokens: int = typer.Option(100_000_000, help="Tokens the run would stream."),
         ctx: int = typer.Option(512, help="Context length of the token store."),
         memory_budget: str = typer.Option("80GB", help="Memory of the device (or host) the run gets."),
@@ -123,7 +135,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(8, help="Contexts per forward pass."),
         accumulate_tokens: int = typer.Option(None, help="Kept tokens buffered per fold (default: automatic)."),
         ceiling: bool = typer.Option(True, help="Plan the rotated-self ceiling too."),
-        flops_per_s: float = typer.Option(None, help="Matmul rate for the time estimate (default: measure fp32 GEMM here)."),
+        flops_per_s: float = typer.Option(None, help=(
+            "Matmul rate for the time estimate (default: measure fp32 GEMM here).")),
         workers: int = typer.Option(1, help="Machines (Ray workers) sharing the tokens."),
     ) -> None:
         """Plan a correlate run from model configs alone: memory, passes, FLOPs, time."""

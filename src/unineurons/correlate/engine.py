@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,10 @@ class CorrelateResult:
 
 def _config_hash(cfg: CorrelateConfig, models: list[LoadedModel], store: TokenStore,
                  accumulate: int) -> str:
-    """What the numbers depend on: not the device, the checkpoint interval or the budget
-    (except through the fold size, which changes rounding and is hashed as used)."""
-    d = cfg.model_dump(exclude={"device", "checkpoint_tokens", "memory_budget"})
+    """What the numbers depend on: not the device, the backend, the checkpoint interval or the
+    budget (except through the fold size, which changes rounding and is hashed as used)."""
+    d = cfg.model_dump(exclude={"device", "checkpoint_tokens", "memory_budget", "backend",
+                                "ray_address", "workers", "cpus_per_worker"})
     d["accumulate_tokens"] = accumulate
     d["weights"] = [m.weights_sha256 for m in models]
     d["token_sha256"] = store.manifest.get("sha256")
@@ -87,15 +89,28 @@ def _rotations(cfg: CorrelateConfig, m: LoadedModel) -> list[torch.Tensor]:
 
 
 class _PassState:
-    """The accumulators of one pass, plus the persistent per-model layer covariances."""
+    """The accumulators of one pass, plus the persistent per-model layer covariances.
+
+    ``layercov`` None: accumulate fresh layer covariances in this pass (the first); a list:
+    keep those, finished, and do not update them (an empty list: hold none, as a Ray shard of
+    a later pass does).
+    """
 
     def __init__(self, units: list[Unit], shapes: list[ModelShape], device: str,
                  cdtype: torch.dtype, layercov: list[LayerCov] | None):
         self.units = units
+        self.device = device
         self.co = {u.key(): CoMoments((u.l1 - u.l0) * shapes[u.a].d_mlp, shapes[u.b].n,
                                       device=device, compute_dtype=cdtype) for u in units}
         self.fresh_layercov = layercov is None
-        self.layercov = layercov or [LayerCov(s.n_layers, s.d_mlp, device, cdtype) for s in shapes]
+        self.layercov = layercov if layercov is not None else [
+            LayerCov(s.n_layers, s.d_mlp, device, cdtype) for s in shapes]
+
+    def models_needed(self, n_models: int) -> list[int]:
+        """Indices of the models this pass must run: those in its units, all while the layer
+        covariances are accumulated."""
+        return sorted({u.a for u in self.units} | {u.b for u in self.units} |
+                      (set(range(n_models)) if self.fresh_layercov else set()))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -110,6 +125,18 @@ class _PassState:
             lc.load_state_dict({k: state[f"layercov.{i}.{k}"] for k in ("n", "mean", "c")})
         for key, co in self.co.items():
             co.load_state_dict({k: state[f"unit.{key}.{k}"] for k in ("n", "mean_x", "mean_y", "c")})
+
+    def merge_from(self, get: Callable[[str], torch.Tensor]) -> None:
+        """Merge in another state of the same pass given by ``get(name)`` for the names of
+        :meth:`state_dict` (e.g. a Ray shard's file), one block at a time: at most one block
+        of it is in memory at once. Fresh layer covariances merge too."""
+        if self.fresh_layercov:
+            for i, lc in enumerate(self.layercov):
+                lc.merge(LayerCov(0, 0, self.device).load_state_dict(
+                    {k: get(f"layercov.{i}.{k}") for k in ("n", "mean", "c")}))
+        for key, co in self.co.items():
+            co.merge(CoMoments(0, 0, self.device).load_state_dict(
+                {k: get(f"unit.{key}.{k}") for k in ("n", "mean_x", "mean_y", "c")}))
 
 
 def _save_checkpoint(run: RunDir, st: _PassState, meta: dict) -> None:
@@ -216,12 +243,19 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
             st.load(saved)
         else:
             cursor, kept = 0, 0 if p == 0 else kept
-        need = sorted({u.a for u in units} | {u.b for u in units} |
-                      (set(range(len(models))) if st.fresh_layercov else set()))
-        cursor, kept = _stream_pass(
-            run, cfg, st, [models[i] for i in need], need, shapes, contexts, special, mask,
-            store.ctx, cdtype, accumulate, cursor=cursor, kept=kept, pass_index=p,
-            n_passes=len(plan.passes), chash=chash)
+        need = st.models_needed(len(models))
+        if cfg.backend == "ray":
+            # token shards on Ray workers; the merged state for all contexts lands in st
+            from .distributed import ray_pass
+
+            cursor, kept = ray_pass(run, cfg, st, models, shapes, contexts, accumulate,
+                                    cursor=cursor, kept=kept, pass_index=p,
+                                    n_passes=len(plan.passes), chash=chash)
+        else:
+            cursor, kept = _stream_pass(
+                run, cfg, st, [models[i] for i in need], need, shapes, contexts, special, mask,
+                store.ctx, cdtype, accumulate, cursor=cursor, kept=kept, pass_index=p,
+                n_passes=len(plan.passes), chash=chash)
         if kept == 0:
             raise UnineuronsError(
                 f"no token positions left after masking in {n_ctx} contexts of {cfg.tokens}; "
@@ -265,31 +299,45 @@ def _stream_pass(run: RunDir, cfg: CorrelateConfig, st: _PassState, pass_models:
     never holds half a fold). Returns the final (cursor, kept tokens)."""
     n_ctx = contexts.shape[0]
     since = 0
-    pending: list = []  # forward batches not yet folded in
-    n_pending = 0
     with progress(f"correlate pass {pass_index + 1}/{n_passes}", total=n_ctx * ctx) as bar:
         bar.advance(cursor * ctx)
         stream = activation_stream(pass_models, contexts, special, batch_size=cfg.batch_size,
                                    start=cursor, mask=mask, device=cfg.device)
-        for batch in stream:
-            pending.append(batch)
-            n_pending += batch.n
-            since += batch.n_contexts * ctx
-            bar.advance(batch.n_contexts * ctx)
-            last = batch.start + batch.n_contexts >= n_ctx
-            if n_pending < accumulate and not last:
-                continue
-            acts = [torch.cat([b.acts[j] for b in pending]) for j in range(len(need))]
-            _fold(acts, need, st, shapes, cdtype)
-            cursor = pending[-1].start + pending[-1].n_contexts
+        for end, n_folded, last in _folds(stream, n_ctx, need, st, shapes, cdtype, accumulate):
+            since += (end - cursor) * ctx
+            bar.advance((end - cursor) * ctx)
+            cursor = end
             if pass_index == 0:
-                kept += n_pending
-            pending, n_pending = [], 0
+                kept += n_folded
             if since >= cfg.checkpoint_tokens and not last:
                 _save_checkpoint(run, st, {"config_hash": chash, "pass": pass_index,
                                            "cursor": cursor, "kept_tokens": kept})
                 since = 0
     return cursor, kept
+
+
+def _folds(stream: Iterator, n_ctx: int, need: list[int], st: _PassState,
+           shapes: list[ModelShape], cdtype: torch.dtype, accumulate: int
+           ) -> Iterator[tuple[int, int, bool]]:
+    """Fold the batches of ``stream`` (over contexts ``[.., n_ctx)``) into ``st`` every
+    ``accumulate`` kept tokens and at the end. After each fold yield (context cursor after
+    it, kept tokens it folded, whether it was the last)."""
+    pending: list = []  # forward batches not yet folded in
+    n_pending = 0
+    for batch in stream:
+        pending.append(batch)
+        n_pending += batch.n
+        last = batch.start + batch.n_contexts >= n_ctx
+        if n_pending < accumulate and not last:
+            continue
+        acts = [torch.cat([b.acts[j] for b in pending]) for j in range(len(need))]
+        end, n_folded = pending[-1].start + pending[-1].n_contexts, n_pending
+        # drop the batches before the shifted copies exist: the plan counts one float32 copy
+        # of the buffered rows plus one in the compute dtype, not three
+        pending, n_pending, batch = [], 0, None
+        _fold(acts, need, st, shapes, cdtype)
+        del acts
+        yield end, n_folded, last
 
 
 @torch.inference_mode()

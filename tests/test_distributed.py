@@ -1,0 +1,233 @@
+"""The Ray backend of correlate: shard states merge exactly, Ray runs equal local runs, a failed
+shard is retried, and a killed run resumes from its finished shards.
+
+The Ray tests share one local Ray instance (2 CPUs, a module-scoped fixture) and its worker
+pool; without ``ray`` installed only the Ray-free tests run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors import safe_open
+
+from unineurons.correlate.config import CorrelateConfig
+from unineurons.correlate.distributed import (
+    FAULT_ENV,
+    ShardWorker,
+    _job,
+    release_workers,
+    require_ray,
+    shard_ranges,
+)
+from unineurons.correlate.engine import _PassState, plan_for, run_correlate
+from unineurons.correlate.plan import ModelShape
+from unineurons.errors import UnineuronsError
+from unineurons.models.load import load_model
+from unineurons.rundir import RunDir
+from unineurons.stream import activation_stream
+from unineurons.tokens import TokenStore
+
+N_TOK = 2048  # 32 contexts of 64: 8 shards of 4 contexts with 2 workers
+
+
+def _make_gpt2(path: Path, seed: int, tokenizer_dir: Path) -> Path:
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=64, vocab_size=512, n_positions=64,
+                     activation_function="gelu_new")
+    GPT2LMHeadModel(cfg).save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory, tiny_tokenizer) -> list[str]:
+    """Three random 2-layer GPT-2s (d_mlp 64)."""
+    root = tmp_path_factory.mktemp("dist_seeds")
+    return [str(_make_gpt2(root / f"s{i}", i, tiny_tokenizer)) for i in range(3)]
+
+
+def _cfg(models, store, **kw) -> CorrelateConfig:
+    base = dict(models=list(models), tokens=str(store), n_tokens=N_TOK, batch_size=2,
+                accumulate_tokens=128, checkpoint_tokens=10**9)
+    base.update(kw)
+    return CorrelateConfig(**base)
+
+
+def _assert_same_tables(a: Path, b: Path, atol: float) -> None:
+    """neurons and matches of two runs agree to ``atol``; argmax indices exactly."""
+    na, nb = pd.read_parquet(a / "neurons.parquet"), pd.read_parquet(b / "neurons.parquet")
+    pd.testing.assert_frame_equal(na, nb, check_exact=False, atol=atol, rtol=0)
+    ma, mb = pd.read_parquet(a / "matches.parquet"), pd.read_parquet(b / "matches.parquet")
+    pd.testing.assert_frame_equal(ma, mb, check_exact=False, atol=atol, rtol=0)
+    assert (ma.argmax_neuron == mb.argmax_neuron).all() and (ma.argmax_layer == mb.argmax_layer).all()
+
+
+# ---- without Ray -------------------------------------------------------------------------------
+
+def test_shard_ranges_cover_the_gaps():
+    assert shard_ranges(0, 32, [], 8) == [(i, i + 4) for i in range(0, 32, 4)]
+    r = shard_ranges(4, 33, [(8, 12), (20, 24)], 4)
+    covered = sorted(r + [(8, 12), (20, 24)])
+    assert covered[0][0] == 4 and covered[-1][1] == 33
+    assert all(x[1] == y[0] for x, y in zip(covered, covered[1:], strict=False))  # contiguous, no overlap
+    assert max(b - a for a, b in r) <= -(-21 // 4)
+    assert shard_ranges(0, 10, [(0, 10)], 4) == []
+    assert shard_ranges(0, 3, [], 8) == [(0, 1), (1, 2), (2, 3)]  # never an empty shard
+
+
+def test_missing_ray_and_misplaced_options_are_clear_errors(monkeypatch, seeds, tiny_store, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails
+    with pytest.raises(UnineuronsError, match=r"pip install 'unineurons\[ray\]'"):
+        require_ray()
+    with pytest.raises(UnineuronsError, match=r"unineurons\[ray\]"):
+        run_correlate(_cfg(seeds[:2], tiny_store, backend="ray"), tmp_path / "run")
+    with pytest.raises(ValueError, match="workers only apply with --backend ray"):
+        _cfg(seeds[:2], tiny_store, workers=2)
+
+
+def _worker_job(seeds, store, **kw):
+    cfg = _cfg(seeds, store, backend="ray", **kw)
+    models = [load_model(s) for s in seeds]
+    shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp) for m in models]
+    plan = plan_for(cfg, shapes, 64)
+    return cfg, models, shapes, plan, _job(cfg, models, shapes, 128, "hash")
+
+
+def test_shard_states_merge_to_the_direct_covariance(seeds, tiny_store):
+    """Shards run by the worker code (in-process, no Ray) and merged by the driver's code give
+    the covariance numpy computes from the captured activations."""
+    cfg, models, shapes, plan, job = _worker_job(seeds[:2], tiny_store, dtype="float64")
+    units = plan.passes[0]
+    w = ShardWorker()
+    merged = _PassState(units, shapes, "cpu", torch.float64, None)
+    for c0, c1 in ((0, 5), (5, 6), (6, 32)):  # uneven shards, one of a single context
+        data = w.run_shard(job, 0, [dataclasses.asdict(u) for u in units], True, c0, c1)
+        from safetensors.torch import load
+
+        merged.merge_from(load(data).__getitem__)
+    store = TokenStore.open(tiny_store)
+    acts = [[], []]
+    for b in activation_stream(models, store.contexts(N_TOK), store.manifest["tokenizer"], batch_size=7):
+        for i in range(2):
+            acts[i].append(b.acts[i].double().numpy())
+    x, y = (np.concatenate(a) for a in acts)
+    pair = next(u for u in units if u.kind == "pair")
+    co = merged.co[pair.key()].result()
+    assert int(co["n"]) == x.shape[0]
+    np.testing.assert_allclose(co["cov"].numpy(), np.cov(x.T, y.T, bias=True)[:128, 128:], atol=1e-10)
+    lc = merged.layercov[1].result()["cov"].numpy()
+    np.testing.assert_allclose(lc[1], np.cov(y[:, 64:].T, bias=True), atol=1e-10)
+
+
+def test_worker_refuses_other_files(seeds, tiny_store):
+    cfg, models, shapes, plan, job = _worker_job(seeds[:2], tiny_store)
+    units = [dataclasses.asdict(u) for u in plan.passes[0]]
+    bad = {**job, "weights": [job["weights"][0], "0" * 64]}
+    with pytest.raises(UnineuronsError, match="other weights than on the driver"):
+        ShardWorker().run_shard(bad, 0, units, True, 0, 2)
+    bad = {**job, "token_sha256": "0" * 64}
+    with pytest.raises(UnineuronsError, match="differs from the driver's"):
+        ShardWorker().run_shard(bad, 0, units, True, 0, 2)
+
+
+# ---- on a local Ray instance -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A 2-CPU local Ray instance; ``faults`` is the fault-injection folder its workers read."""
+    ray = pytest.importorskip("ray")
+    faults = tmp_path_factory.mktemp("faults")
+    os.environ[FAULT_ENV] = str(faults)  # the raylet inherits it, and so every worker
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        yield {"address": ray.get_runtime_context().gcs_address, "faults": faults}
+    finally:
+        release_workers()
+        ray.shutdown()
+        del os.environ[FAULT_ENV]
+
+
+def _ray_stats(run: Path) -> dict:
+    return RunDir.open(run).manifest()["correlate_ray"]["passes"]
+
+
+@pytest.mark.slow
+def test_ray_equals_local_over_several_passes_and_retries(cluster, seeds, tiny_store, tmp_path):
+    faults = cluster["faults"]
+    (faults / "pass0.shard8.raise").touch()  # that worker raises once
+    (faults / "pass1.shard20.exit").touch()  # that worker's process dies once; Ray restarts it
+    # 200 KB for co-moments (a pair is 128 KB): the plan takes several passes, and only the
+    # first one accumulates the layer covariances
+    n_params = sum(p.numel() for p in load_model(seeds[0]).model.parameters())
+    free = plan_for(_cfg(seeds, tiny_store, pairs="all", memory_budget="1TB"),
+                    [ModelShape(2, 64, n_params)] * 3, 64)
+    budget = str(200_000 + free.persistent_bytes + free.stream_bytes)
+    run_correlate(_cfg(seeds, tiny_store, pairs="all"), tmp_path / "local")
+    res = run_correlate(_cfg(seeds, tiny_store, pairs="all", backend="ray", workers=2,
+                             memory_budget=budget), tmp_path / "ray")
+    assert len(res.plan.passes) > 1
+    assert not list(faults.iterdir())
+    # float32 products: other shard and fold boundaries change the rounding, not the result
+    _assert_same_tables(tmp_path / "local", tmp_path / "ray", atol=1e-6)
+    stats = _ray_stats(tmp_path / "ray")
+    assert len(stats) == len(res.plan.passes)
+    assert all(s["shards"] == 8 and s["computed_shards"] == 8 for s in stats.values())
+    assert [s["retries"] for s in stats.values()][:2] == [1, 1]
+    assert not list((tmp_path / "ray" / "state").glob("*.safetensors"))
+
+
+@pytest.mark.slow
+def test_resume_after_killed_ray_run_loads_finished_shards(cluster, seeds, tiny_store, tmp_path):
+    run = tmp_path / "killed"
+    hang = cluster["faults"] / "pass0.shard4.hang"  # the second shard never finishes
+    hang.touch()
+    args = [sys.executable, "-c", "from unineurons.cli import main; main()", "correlate",
+            *[x for s in seeds for x in ("--model", s)], "--tokens", str(tiny_store),
+            "--out", str(run), "--n-tokens", str(N_TOK), "--pairs", "all", "--dtype", "float64",
+            "--batch-size", "2", "--accumulate-tokens", "128",
+            "--checkpoint-tokens", "256",  # the merged prefix (shard 0) becomes a checkpoint
+            "--backend", "ray", "--ray-address", cluster["address"], "--workers", "2"]
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as err:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((run / "state").glob("pass0.shard*.safetensors"))) >= 6:  # shards 2..7
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, log.read_text()[-2000:]
+        assert time.time() < deadline, "the killed run never got to its shards"
+    finally:
+        proc.kill()
+        proc.wait()
+        hang.unlink()
+    assert not (run / "neurons.parquet").exists()
+    cfg = _cfg(seeds, tiny_store, pairs="all", dtype="float64", checkpoint_tokens=256,
+               backend="ray", workers=2)
+    with pytest.raises(UnineuronsError, match="--resume"):
+        run_correlate(cfg, run)
+    with safe_open(str(run / "state" / "checkpoint.safetensors"), "pt") as f:
+        assert '"cursor": 4' in f.metadata()["progress"]  # shard 0 merged and checkpointed
+    run_correlate(cfg, run, resume=True)
+    s = _ray_stats(run)["0"]
+    # 24 of the 28 contexts past the checkpoint come from files; the 4-context gap is split
+    # again, into 4 shards for 2 workers
+    assert s["start_context"] == 4 and s["loaded_shards"] == 6 and s["computed_shards"] == 4
+    local = tmp_path / "local"
+    run_correlate(_cfg(seeds, tiny_store, pairs="all", dtype="float64"), local)
+    # float64 products; tables store float32, so agreement is to one float32 ulp
+    _assert_same_tables(local, run, atol=1e-7)
