@@ -155,9 +155,9 @@ def bench_scaling(paths, models, tokens, base: int, batch_size: int, tmp: Path) 
 
 
 def bench_ray(paths, models, tokens, n_tokens: int, batch_size: int, tmp: Path
-              ) -> dict[int, tuple[float, float]] | None:
-    """(wall seconds, workers' CPU seconds) of the Ray backend with 1 and 2 local workers;
-    None without Ray."""
+              ) -> dict[int, tuple[float, float, float]] | None:
+    """(wall seconds, workers' CPU seconds, workers' busy wall seconds) of the Ray backend
+    with 1 and 2 local workers; None without Ray. Busy wall well above CPU: waiting for cores."""
     try:
         import ray
     except ImportError:
@@ -172,7 +172,8 @@ def bench_ray(paths, models, tokens, n_tokens: int, batch_size: int, tmp: Path
                           tmp / f"ray{w}", models=models)
             wall = time.perf_counter() - t0
             stats = json.loads((tmp / f"ray{w}" / "manifest.json").read_text())["correlate_ray"]["passes"]
-            out[w] = (wall, sum(p["worker_cpu_seconds"] for p in stats.values()))
+            out[w] = (wall, sum(p["worker_cpu_seconds"] for p in stats.values()),
+                      sum(p["worker_seconds"] for p in stats.values()))
         return out
     finally:
         ray.shutdown()
@@ -343,12 +344,19 @@ def main() -> None:
                 rows.append((f"(d) scaling: {k}x {args.scale_tokens:,} tokens", f"CPU {cpu:.2f} s (wall {wall:.2f} s)",
                              f"1x: CPU {ts[0][1]:.2f} s (ideal ratio {k})",
                              f"{cpu / ts[0][1]:.2f} (wall {wall / ts[0][0]:.2f})"))
+            # CPU = fixed + per_token x tokens: linear scaling means a good straight-line fit
+            slope, fixed = np.polyfit([1, 2, 4], [c for _, c in ts], 1)
+            worst = max(abs(fixed + slope * k - c) for k, (_, c) in zip((1, 2, 4), ts, strict=True))
+            rows.append(("(d) fit CPU = fixed + k x per-1x", f"fixed {fixed:.2f} s + {slope:.2f} s per 1x",
+                         f"worst residual {worst:.2f} s", f"{worst / ts[-1][1]:.1%} of 4x"))
         ray_t = bench_ray(paths, models, tokens, args.n_tokens, args.batch_size, tmp) if "e" not in skip else None
         if ray_t:
             for w in (1, 2):
-                rows.append((f"(e) ray, {w} worker(s), 1 thread each", f"{ray_t[w][0]:.2f} s (workers' CPU "
-                             f"{ray_t[w][1]:.1f} s)", f"local {ours:.2f} s (CPU {ours_cpu:.1f} s, "
-                             f"{torch.get_num_threads()} threads)", f"{ray_t[w][0] / ours:.2f}x local"))
+                wall, cpu, busy = ray_t[w]
+                rows.append((f"(e) ray, {w} worker(s), 1 thread each",
+                             f"{wall:.2f} s (workers' CPU {cpu:.1f} s, busy {busy:.1f} s)",
+                             f"local {ours:.2f} s (CPU {ours_cpu:.1f} s, {torch.get_num_threads()} threads)",
+                             f"{wall / ours:.2f}x local"))
             rows.append(("(e) ray, 2 workers vs 1", f"{ray_t[2][0]:.2f} s", f"1 worker {ray_t[1][0]:.2f} s",
                          f"{ray_t[1][0] / ray_t[2][0]:.2f}x speed-up"))
         if "f" not in skip:
