@@ -121,6 +121,10 @@ def test_select_neurons(tmp_path):
     # a model added to a correlate run on its own has no universality values: auto = all
     unknown = table.assign(is_universal=pd.array([pd.NA] * 5, dtype="boolean"))
     assert select_neurons("m", 2, 3, "auto", unknown).tolist() == list(range(6))
+    # ranked but nothing above the threshold (a small zoo): auto analyses every neuron
+    none_above = table.assign(is_universal=False)
+    assert select_neurons("m", 2, 3, "auto", none_above).tolist() == list(range(6))
+    assert select_neurons("m", 2, 3, "universal", none_above).size == 0
     assert len(select_neurons("m", 20, 30, "auto", None, max_neurons=50)) == 50
     f = tmp_path / "n.txt"
     f.write_text("L1.N2\n\nL0.N1\nL1.N2\n")

@@ -126,9 +126,11 @@ def select_neurons(model: str, n_layers: int, d_mlp: int, choice: str, table: pd
     rng = np.random.default_rng([seed, zlib.crc32(model.encode())])
     has_univ = (table is not None and "is_universal" in table.columns
                 and bool(table["is_universal"].notna().any()))
+    n_univ = int(table["is_universal"].fillna(False).astype(bool).sum()) if has_univ else 0
     if choice == "all":
         return np.arange(n)
-    if choice == "universal" or (choice == "auto" and has_univ):
+    # auto with no neuron above the threshold (a small zoo) analyses like a model without partners
+    if choice == "universal" or (choice == "auto" and n_univ > 0):
         if not has_univ:
             raise UnineuronsError(f"model {model}: the run has no universality (is_universal) "
                                   "columns; use --neurons all or run `unineurons correlate` first")
