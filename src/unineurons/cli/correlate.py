@@ -5,22 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from pydantic import ValidationError
 from rich.table import Table
-
-from ..errors import UnineuronsError
 
 __all__ = ["register", "print_summary", "build_config"]
 
 
 def build_config(cls, **kwargs):
-    """Validate a config object, turning pydantic's report into one clear line."""
-    try:
-        return cls(**kwargs)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = ".".join(str(x) for x in err["loc"]) or "config"
-        raise UnineuronsError(f"option {loc}: {err['msg']}") from None
+    """Validate a config object; a bad value is one user error naming the option."""
+    from ..config import build
+
+    return build(cls, **kwargs)
 
 
 def print_summary(layers, console) -> None:

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..config import Device
 from ..errors import UnineuronsError
 from .plan import parse_bytes
 
@@ -37,7 +38,7 @@ class CorrelateConfig(BaseModel):
         "one large GEMM amortises the float64 merge (memory: this many rows of every model). "
         "Unset: the largest power of two up to 8192 whose buffers take at most a quarter of the budget."
     ))
-    device: str = Field("cpu", description="cpu or cuda[:i].")
+    device: Device = Field("cpu", description="cpu or cuda[:i].")
     dtype: Literal["float32", "tf32", "bfloat16", "float64"] = Field("float32", description=(
         "Dtype of each batch's cross product; accumulation is float64 always."
     ))
@@ -82,12 +83,6 @@ class CorrelateConfig(BaseModel):
             raise ValueError(str(e)) from None
         return v
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not (v == "cpu" or v.startswith("cuda")):
-            raise ValueError(f"device must be cpu or cuda[:i], not {v!r}")
-        return v
 
     @model_validator(mode="after")
     def _ray_options(self) -> CorrelateConfig:

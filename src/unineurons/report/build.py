@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import __version__
+from ..config import Device
 from ..errors import UnineuronsError
 from ..io import atomic_path
 from ..rundir import RunDir
@@ -49,17 +50,11 @@ class ReportConfig(BaseModel):
                                      "the most universal neuron with vocabulary rows.")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass when recomputing "
                             "window activations.")
-    device: str = Field("cpu", description="cpu or cuda[:i] for the model passes.")
+    device: Device = Field("cpu", description="cpu or cuda[:i] for the model passes.")
     dynamics: str | None = Field(None, description="A run directory of `unineurons dynamics` "
                                  "whose figures the report draws too (its tables are read from "
                                  "there; the pipeline sets it to out/dynamics).")
 
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not (v == "cpu" or v.startswith("cuda")):
-            raise ValueError(f"device must be cpu or cuda[:i], not {v!r}")
-        return v
 
     @field_validator("vocab_neuron")
     @classmethod
