@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .analyses.ablate import AblateConfig
 from .analyses.analyze import AnalyzeConfig
 from .analyses.dynamics import DynamicsConfig
+from .config import describe_error
 from .errors import UnineuronsError
 from .io import prepare_out_dir, read_json, write_json
 from .report.build import ReportConfig
@@ -112,10 +113,7 @@ class PipelineConfig(_Section):
 
 
 def _validation_error(e: ValidationError, where: str) -> UnineuronsError:
-    err = e.errors()[0]
-    key = ".".join(str(x) for x in err["loc"])
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-    return UnineuronsError(f"{where}: key {key!r}: {msg}")
+    return UnineuronsError(f"{where}: {describe_error(e, option_style=False)}")
 
 
 def load_config(path: str | Path | None = None, text: str | None = None,

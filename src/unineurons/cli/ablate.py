@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from ..config import build
+
 SIZES_DEFAULT = ",".join(str(2 ** k) for k in range(15)) + ",all"
 
 
@@ -44,13 +46,6 @@ def _floats(text: str) -> list[float]:
                               "e.g. --values=-1,0,1,2,4,6") from None
 
 
-def _config(cls, **kw):
-    """Build a stage config; a bad value is one user error naming the option."""
-    from ..config import build
-
-    return build(cls, **kw)
-
-
 def ablate(
     run: Path = typer.Argument(..., help="Run directory (with neurons.parquet from correlate)."),
     model: list[str] | None = typer.Option(None, "--model", help="Model of the run (repeat "
@@ -76,7 +71,7 @@ def ablate(
     from ..rundir import RunDir
     from . import console
 
-    cfg = _config(AblateConfig, models=model or None, sets=_items(sets, "--sets"), method=method,
+    cfg = build(AblateConfig, models=model or None, sets=_items(sets, "--sets"), method=method,
                   sizes=_sizes(sizes), per_layer=per_layer, random_draws=random_draws,
                   rank_all=rank_all, tokens=None if tokens is None else str(tokens),
                   n_tokens=n_tokens, seed=seed, batch_size=batch_size, device=device)
@@ -121,7 +116,7 @@ def intervene(
     from ..rundir import RunDir
     from . import console
 
-    cfg = _config(InterveneConfig, model=model, neurons=list(neuron), values=_floats(values),
+    cfg = build(InterveneConfig, model=model, neurons=list(neuron), values=_floats(values),
                   random_baseline=random_baseline, tokens=None if tokens is None else str(tokens),
                   n_tokens=n_tokens, seed=seed, batch_size=batch_size, device=device)
     rd = RunDir.open(run)

@@ -8,6 +8,7 @@ import pandas as pd
 import typer
 from rich.table import Table
 
+from ..config import build
 from ..errors import UnineuronsError
 
 __all__ = ["register", "print_counts", "print_properties", "show_analysis"]
@@ -134,7 +135,6 @@ def register(app: typer.Typer) -> None:
         neuron families and universal-vs-other properties, added to the run directory."""
         from ..analyses.analyze import AnalyzeConfig, analyze_models, analyze_run
         from . import console
-        from .correlate import build_config
 
         if run is None and not model:
             raise UnineuronsError("analyze needs a RUN directory, or --model M --tokens DIR "
@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
                                   "--model without RUN)")
         if run is None and out is None:
             raise UnineuronsError("analyze --model needs --out RUN: the run directory to write")
-        cfg = build_config(
+        cfg = build(
             AnalyzeConfig, tokens=None if tokens is None else str(tokens), n_tokens=n_tokens,
             neurons=neurons, max_neurons=max_neurons, batch_size=batch_size, top_k=top_k,
             window_before=window_before, window_after=window_after, unigram_top_n=unigram_top_n,

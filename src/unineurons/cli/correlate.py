@@ -7,14 +7,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-__all__ = ["register", "print_summary", "build_config"]
+from ..config import build
+
+__all__ = ["register", "print_summary"]
 
 
-def build_config(cls, **kwargs):
-    """Validate a config object; a bad value is one user error naming the option."""
-    from ..config import build
-
-    return build(cls, **kwargs)
 
 
 def print_summary(layers, console) -> None:
@@ -93,7 +90,7 @@ def register(app: typer.Typer) -> None:
         from ..correlate.plan import fmt_bytes
         from . import console
 
-        cfg = build_config(
+        cfg = build(
             CorrelateConfig, models=model, tokens=str(tokens), n_tokens=n_tokens, pairs=pairs,
             baseline=baseline, threshold=threshold, ceiling=ceiling, top_k=top_k,
             batch_size=batch_size, accumulate_tokens=accumulate_tokens, device=device, dtype=dtype,
@@ -139,7 +136,7 @@ def register(app: typer.Typer) -> None:
         from ..correlate.plan import fmt_bytes
         from . import console
 
-        cfg = build_config(CorrelateConfig, models=model, tokens="-", pairs=pairs, dtype=dtype,
+        cfg = build(CorrelateConfig, models=model, tokens="-", pairs=pairs, dtype=dtype,
                            device=device, batch_size=batch_size, accumulate_tokens=accumulate_tokens,
                            memory_budget=memory_budget, ceiling=ceiling)
         est = estimate(cfg, n_tokens, ctx, rate=flops_per_s, workers=workers)

@@ -11,6 +11,8 @@ from typing import Any
 
 import typer
 
+from ..config import build
+
 __all__ = ["register", "show_dynamics", "print_emergence", "print_persistence"]
 
 
@@ -21,13 +23,6 @@ def _names(text: str, what: str) -> list[str]:
     if not items:
         raise UnineuronsError(f"{what} is empty; give a comma-separated list")
     return items
-
-
-def _config(cls, **kw):
-    """Build a stage config; a bad value is one user error naming the option."""
-    from ..config import build
-
-    return build(cls, **kw)
 
 
 def print_emergence(emergence: Any, console: Any) -> None:
@@ -152,11 +147,11 @@ def dynamics(
 
     acfg = None
     if ablate:
-        acfg = _config(AblateConfig, sets=_items("universal,non-universal,random", "--sets"),
+        acfg = build(AblateConfig, sets=_items("universal,non-universal,random", "--sets"),
                        method=ablate_method, sizes=_sizes(ablate_sizes),
                        random_draws=ablate_draws, rank_all=rank_all, n_tokens=ablate_n_tokens,
                        batch_size=batch_size, device=device)
-    cfg = _config(
+    cfg = build(
         DynamicsConfig, zoo=None if zoo is None else str(zoo),
         seeds=None if seeds is None else list(parse_int_list(seeds, "--seeds")),
         reference_seed=reference_seed, model_template=model_template,

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from ..config import build
+
 __all__ = ["register", "show_report"]
 
 
@@ -60,9 +62,9 @@ def register(app: typer.Typer) -> None:
         neuron browser (RUN/report/index.html), all from the run's tables."""
         from ..report import ReportConfig, build_report
         from . import console
-        from .ablate import _config, _items
+        from .ablate import _items
 
-        cfg = _config(ReportConfig, figures=figures, browser=browser, models=models,
+        cfg = build(ReportConfig, figures=figures, browser=browser, models=models,
                       formats=tuple(_items(formats, "--formats")), dpi=dpi,
                       max_context_neurons=max_context_neurons, vocab_k=vocab_k,
                       vocab_neuron=vocab_neuron, batch_size=batch_size, device=device,
