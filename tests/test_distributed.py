@@ -22,19 +22,13 @@ import torch
 from safetensors import safe_open
 
 from unineurons.correlate.config import CorrelateConfig
-from unineurons.correlate.distributed import (
-    FAULT_ENV,
-    ShardWorker,
-    _job,
-    release_workers,
-    require_ray,
-    shard_ranges,
-)
+from unineurons.correlate.distributed import TASK, correlate_job
 from unineurons.correlate.engine import _PassState, plan_for, run_correlate
 from unineurons.correlate.plan import ModelShape
 from unineurons.errors import UnineuronsError
 from unineurons.models.load import load_model
 from unineurons.rundir import RunDir
+from unineurons.sharding import FAULT_ENV, ShardWorker, release_workers, require_ray, shard_ranges
 from unineurons.stream import activation_stream
 from unineurons.tokens import TokenStore
 
@@ -103,7 +97,11 @@ def _worker_job(seeds, store, **kw):
     models = [load_model(s) for s in seeds]
     shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp) for m in models]
     plan = plan_for(cfg, shapes, 64)
-    return cfg, models, shapes, plan, _job(cfg, models, shapes, 128, "hash")
+    return cfg, models, shapes, plan, correlate_job(cfg, models, shapes, 128, "hash")
+
+
+def _extra(units) -> dict:
+    return {"units": [dataclasses.asdict(u) for u in units], "fresh_layercov": True}
 
 
 def test_shard_states_merge_to_the_direct_covariance(seeds, tiny_store):
@@ -114,7 +112,7 @@ def test_shard_states_merge_to_the_direct_covariance(seeds, tiny_store):
     w = ShardWorker()
     merged = _PassState(units, shapes, "cpu", torch.float64, None)
     for c0, c1 in ((0, 5), (5, 6), (6, 32)):  # uneven shards, one of a single context
-        data = w.run_shard(job, 0, [dataclasses.asdict(u) for u in units], True, c0, c1)
+        data = w.run(TASK, job, "pass0", c0, c1, _extra(units))
         from safetensors.torch import load
 
         merged.merge_from(load(data).__getitem__)
@@ -134,13 +132,15 @@ def test_shard_states_merge_to_the_direct_covariance(seeds, tiny_store):
 
 def test_worker_refuses_other_files(seeds, tiny_store):
     cfg, models, shapes, plan, job = _worker_job(seeds[:2], tiny_store)
-    units = [dataclasses.asdict(u) for u in plan.passes[0]]
+    extra = _extra(plan.passes[0])
     bad = {**job, "weights": [job["weights"][0], "0" * 64]}
     with pytest.raises(UnineuronsError, match="other weights than on the driver"):
-        ShardWorker().run_shard(bad, 0, units, True, 0, 2)
+        ShardWorker().run(TASK, bad, "pass0", 0, 2, extra)
     bad = {**job, "token_sha256": "0" * 64}
     with pytest.raises(UnineuronsError, match="differs from the driver's"):
-        ShardWorker().run_shard(bad, 0, units, True, 0, 2)
+        ShardWorker().run(TASK, bad, "pass0", 0, 2, extra)
+    with pytest.raises(ValueError, match="not a unineurons shard function"):
+        ShardWorker().run("os:system", job, "pass0", 0, 2, extra)
 
 
 # ---- on a local Ray instance -------------------------------------------------------------------
@@ -231,3 +231,139 @@ def test_resume_after_killed_ray_run_loads_finished_shards(cluster, seeds, tiny_
     run_correlate(_cfg(seeds, tiny_store, pairs="all", dtype="float64"), local)
     # float64 products; tables store float32, so agreement is to one float32 ulp
     _assert_same_tables(local, run, atol=1e-7)
+
+
+# ---- analyze and dynamics on the same machinery --------------------------------------------------
+
+def _analyze_cfg(**kw):
+    from unineurons.analyses.analyze import AnalyzeConfig
+
+    base = dict(tokens=None, n_tokens=N_TOK, batch_size=3, top_k=4, unigram_top_n=16,
+                roles={"entropy_max_candidates": 0, "entropy_n_random": 0})
+    base.update(kw)
+    return AnalyzeConfig(**base)
+
+
+def _analyze_tables(run: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_parquet(run / f"{name}.parquet")
+            for name in ("neurons", "families", "top_contexts")}
+
+
+def _assert_same_analysis(a: Path, b: Path, atol: float) -> None:
+    ta, tb = _analyze_tables(a), _analyze_tables(b)
+    for name in ta:
+        pd.testing.assert_frame_equal(ta[name], tb[name], check_exact=atol == 0, atol=atol, rtol=0,
+                                      obj=name)
+
+
+def test_analyze_shards_merge_to_one_pass(seeds, tiny_store):
+    """Analyze shards run by the worker code and merged in order equal one local pass: moments
+    to rounding, top contexts and position counts exactly."""
+    from safetensors.torch import load
+
+    from unineurons.analyses.analyze import _vocabulary
+    from unineurons.analyses.analyze_pass import TASK as ANALYZE_TASK
+    from unineurons.analyses.analyze_pass import AnalyzeState, shard_job
+    from unineurons.analyses.families import build_family_features
+    from unineurons.features import get_features
+    from unineurons.sharding import model_job
+    from unineurons.stream import MaskConfig
+
+    cfg = _analyze_cfg()
+    models = [load_model(s) for s in seeds[:2]]
+    store = TokenStore.open(tiny_store)
+    contexts, special = store.contexts(N_TOK), store.manifest["tokenizer"]
+    vocab, _ = _vocabulary(special, models)
+    feats = build_family_features(contexts, special, vocab, 16, get_features(None, []))
+    subsets = [np.arange(0, 128, 3), np.arange(128)]
+    mask = MaskConfig()
+    one = AnalyzeState(models, feats, subsets, store.ctx, 4, "cpu")
+    for batch in activation_stream(models, contexts, special, batch_size=3, pre_activation=True):
+        one.update(batch)
+    job = {**model_job(models, tiny_store, "cpu"), "config_hash": "h",
+           **shard_job(cfg, feats, subsets, mask, contexts.shape[0])}
+    merged = AnalyzeState(models, feats, subsets, store.ctx, 4, "cpu")
+    w = ShardWorker()
+    for c0, c1 in ((0, 7), (7, 8), (8, 32)):
+        state = load(w.run(ANALYZE_TASK, job, "analyze", c0, c1, {}))
+        merged.merge_from(state.__getitem__, list(state))
+    for a, b in zip(one.accs, merged.accs, strict=True):
+        for part in ("act", "pre"):
+            ra, rb = a.parts()[part].result(), b.parts()[part].result()
+            for k in ra:
+                torch.testing.assert_close(ra[k], rb[k], rtol=1e-10, atol=1e-12, msg=f"{part}.{k}")
+        for k, v in a.top.result().items():
+            assert torch.equal(v, b.top.result()[k]), k  # global rows: ties break the same way
+        assert torch.equal(a.fam.position.fires, b.fam.position.fires)
+        for fam in a.fam.cond:
+            torch.testing.assert_close(a.fam.cond[fam].result()["vr"], b.fam.cond[fam].result()["vr"],
+                                       rtol=1e-9, atol=1e-10, equal_nan=True)
+
+
+def test_analyze_resume_after_kill_equals_uninterrupted(monkeypatch, seeds, tiny_store, tmp_path):
+    """A token pass killed after checkpoints resumes to the same tables, bit for bit."""
+    from unineurons.analyses.analyze import analyze_models
+    from unineurons.analyses.analyze_pass import AnalyzeState
+
+    specs = seeds[:2]
+    analyze_models(specs, tmp_path / "whole", _analyze_cfg(tokens=str(tiny_store)))
+    cfg = _analyze_cfg(tokens=str(tiny_store), checkpoint_tokens=256)  # every 4 contexts
+    real, calls = AnalyzeState.update, {"n": 0}
+
+    def dying(self, batch):
+        calls["n"] += 1
+        # batches of 3 contexts (192 tokens): checkpoints after contexts 6 and 12; the 6th
+        # batch (contexts 15..17) dies
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        real(self, batch)
+
+    monkeypatch.setattr(AnalyzeState, "update", dying)
+    with pytest.raises(KeyboardInterrupt):
+        analyze_models(specs, tmp_path / "killed", cfg)
+    monkeypatch.setattr(AnalyzeState, "update", real)
+    ckpt = tmp_path / "killed" / "state" / "analyze" / "checkpoint.safetensors"
+    with safe_open(str(ckpt), "pt") as f:
+        assert '"cursor": 12' in f.metadata()["progress"]
+    with pytest.raises(UnineuronsError, match="different configuration"):
+        analyze_models(specs, tmp_path / "killed", _analyze_cfg(tokens=str(tiny_store), top_k=3),
+                       resume=True)
+    analyze_models(specs, tmp_path / "killed", cfg, resume=True)
+    _assert_same_analysis(tmp_path / "whole", tmp_path / "killed", atol=0)
+    assert not list((tmp_path / "killed" / "state" / "analyze").iterdir())
+
+
+@pytest.mark.slow
+def test_analyze_ray_equals_local_with_a_retry(cluster, seeds, tiny_store, tmp_path):
+    from unineurons.analyses.analyze import analyze_models
+
+    (cluster["faults"] / "analyze.shard12.raise").touch()
+    analyze_models(seeds, tmp_path / "local", _analyze_cfg(tokens=str(tiny_store)))
+    cfg = _analyze_cfg(tokens=str(tiny_store), backend="ray", workers=2, checkpoint_tokens=512)
+    analyze_models(seeds, tmp_path / "ray", cfg)
+    assert not list(cluster["faults"].iterdir())
+    _assert_same_analysis(tmp_path / "local", tmp_path / "ray", atol=1e-9)
+    stats = RunDir.open(tmp_path / "ray").manifest()["analyze_ray"]
+    assert stats["shards"] == 8 and stats["computed_shards"] == 8 and stats["retries"] == 1
+    assert not list((tmp_path / "ray" / "state" / "analyze").iterdir())
+
+
+@pytest.mark.slow
+def test_dynamics_ray_equals_local(cluster, tiny_tokenizer, tiny_store, tmp_path):
+    """Every step's correlate stage on Ray workers gives the local tables."""
+    from unineurons.analyses.dynamics import DynamicsConfig, run_dynamics
+
+    for i, name in enumerate(("a", "b")):
+        for step in (1, 2):
+            _make_gpt2(tmp_path / f"{name}-{step}", 10 * i + step, tiny_tokenizer)
+    base = dict(model_template=str(tmp_path / "{name}-{step}"), names=["a", "b"], steps=[1, 2],
+                tokens=str(tiny_store), n_tokens=N_TOK, universal="top:0.1", batch_size=2,
+                accumulate_tokens=128)
+    local = run_dynamics(DynamicsConfig(**base), tmp_path / "dyn_local")
+    ray = run_dynamics(DynamicsConfig(**base, backend="ray", workers=2), tmp_path / "dyn_ray")
+    for name in ("emergence", "trajectories", "persistence"):
+        pd.testing.assert_frame_equal(getattr(local, name), getattr(ray, name), check_exact=False,
+                                      atol=1e-6, rtol=0, obj=name)
+    for t in (1, 2):
+        step = RunDir.open(tmp_path / "dyn_ray" / "steps" / f"step{t}").manifest()
+        assert step["correlate_ray"]["passes"]["0"]["computed_shards"] == 8

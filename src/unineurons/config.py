@@ -8,13 +8,13 @@ options with :func:`build`, so a bad value reads the same from every command::
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UnineuronsError
 
-__all__ = ["Device", "check_device", "build", "describe_error"]
+__all__ = ["Device", "check_device", "build", "describe_error", "Backend"]
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -28,6 +28,36 @@ def check_device(v: str) -> str:
 
 #: A torch device string, validated on construction.
 Device = Annotated[str, AfterValidator(check_device)]
+
+
+class Backend(BaseModel):
+    """Where a stage streams its tokens: the options every Ray-capable stage shares
+    (correlate, analyze, dynamics); see :mod:`unineurons.sharding`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["local", "ray"] = Field("local", description=(
+        "local: stream in this process. ray: split the tokens into shards that Ray workers stream; "
+        "the driver merges their states (needs pip install 'unineurons[ray]')."
+    ))
+    ray_address: str | None = Field(None, description=(
+        "Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT. Unset: RAY_ADDRESS if set, else a "
+        "local Ray instance on this machine."
+    ))
+    workers: int = Field(1, ge=1, description=(
+        "Ray workers (actors); each loads the models once and streams shards of the tokens."
+    ))
+    cpus_per_worker: int = Field(1, ge=1, description="CPU cores each Ray worker reserves (its torch threads).")
+
+    @model_validator(mode="after")
+    def _ray_options(self):
+        if self.backend != "ray":
+            given = [name for name, default in (("ray_address", None), ("workers", 1),
+                                                ("cpus_per_worker", 1))
+                     if getattr(self, name) != default]
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply with --backend ray")
+        return self
 
 
 def describe_error(e: ValidationError, option_style: bool = True) -> str:

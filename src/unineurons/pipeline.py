@@ -230,7 +230,7 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print,
 
         an = cfg.analyze if cfg.analyze.tokens else cfg.analyze.model_copy(update={"tokens": str(held_dir)})
         r.stage("analyze", an, [run_dir / "top_contexts.parquet"],
-                lambda: show("analyze", analyze_run(run_dir, an)))
+                lambda: show("analyze", analyze_run(run_dir, an, resume=True)))
     if cfg.ablate:
         from .analyses.ablate import run_ablations
         from .rundir import RunDir

@@ -1,10 +1,9 @@
 """``unineurons analyze``: per-neuron statistics, top contexts, families, properties.
 
-One pass over the tokens feeds every model of the run (``activation_stream`` with
-pre-activations) into its accumulators: :class:`~unineurons.accumulators.Moments` of the
-activation and the pre-activation and :class:`~unineurons.accumulators.TopK` on every neuron,
-and the family statistics (:mod:`unineurons.analyses.families`) on a neuron subset. Then the
-weight-based analyses (:mod:`unineurons.analyses.weights`, ``vocab``, ``roles``) add theirs.
+One pass over the tokens feeds every model of the run into its accumulators (moments, top
+contexts, family statistics; :mod:`unineurons.analyses.analyze_pass`, which also checkpoints
+the pass and runs it on Ray workers with ``backend="ray"``). Then the weight-based analyses
+(:mod:`unineurons.analyses.weights`, ``vocab``, ``roles``) add theirs.
 
 Writes to the run directory (docs/tables.md): ``neurons.parquet`` columns, and the tables
 ``top_contexts``, ``families``, ``properties`` (universal vs other neurons, z-scored), plus the
@@ -25,22 +24,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from ..accumulators import Moments, TopK
-from ..config import Device
+from ..config import Backend, Device
 from ..errors import UnineuronsError
 from ..features import Vocabulary, get_features, load_feature_module, token_class_from_file
 from ..models.adapters import parse_neuron
 from ..models.load import LoadedModel, load_model, load_tokenizer
-from ..progress import progress
 from ..rundir import RunDir
-from ..stream import MaskConfig, activation_stream
+from ..stream import MaskConfig
+from .analyze_pass import _ModelAcc, accumulate, clear_state
 from .analyze_tables import properties_table, summary_counts, top_contexts_table, write_arrow_rows
 from .families import (
     FamilyFeatures,
-    FamilyStats,
     assign_families,
     build_family_features,
     family_duplicates,
@@ -56,7 +52,7 @@ STAT_COLUMNS = ["act_mean", "act_var", "act_skew", "act_kurt", "act_max", "act_f
                 "pre_mean", "pre_var", "pre_skew", "pre_kurt"]
 
 
-class AnalyzeConfig(BaseModel):
+class AnalyzeConfig(Backend):
     """Per-neuron analyses of a run: statistics, top contexts, families, properties."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -91,6 +87,8 @@ class AnalyzeConfig(BaseModel):
                          "vocab.parquet (highest / lowest cosine).")
     seed: int = Field(0, description="Seed of the neuron samples.")
     device: Device = Field("cpu", description="cpu or cuda[:i].")
+    checkpoint_tokens: int = Field(1_000_000, ge=1, description="Save the token pass's resumable "
+                                   "state every this many tokens (--resume continues from it).")
     roles: RoleConfig = Field(RoleConfig(), description="Functional roles: thresholds and the "
                               "entropy / attention analyses (analyses.roles).")
 
@@ -153,45 +151,6 @@ def select_neurons(model: str, n_layers: int, d_mlp: int, choice: str, table: pd
                                   f"({n_layers} layers x {d_mlp} neurons)")
         flat.append(layer * d_mlp + idx)
     return np.unique(np.array(flat, dtype=np.int64))
-
-
-@dataclass
-class _ModelAcc:
-    act: Moments
-    pre: Moments
-    top: TopK
-    subset: torch.Tensor  #: [d_sub] flat indices of the family statistics
-    fam: FamilyStats | None
-
-
-def _stream_pass(models: Sequence[LoadedModel], contexts: np.ndarray, special: dict,
-                 feats: FamilyFeatures, subsets: Sequence[np.ndarray], cfg: AnalyzeConfig,
-                 mask: MaskConfig) -> list[_ModelAcc]:
-    """The one pass over the tokens: every model's accumulators, fed batch by batch."""
-    dev = torch.device(cfg.device)
-    ctx = contexts.shape[1]
-    accs = []
-    for m, sub in zip(models, subsets, strict=True):
-        n = m.adapter.n_layers * m.adapter.d_mlp
-        accs.append(_ModelAcc(
-            act=Moments(n, device=dev), pre=Moments(n, device=dev), top=TopK(n, cfg.top_k, dev),
-            subset=torch.from_numpy(sub).to(dev),
-            fam=FamilyStats(feats, len(sub), ctx, dev) if len(sub) else None))
-    with progress("analyze", contexts.shape[0] * ctx, unit="tokens") as bar:
-        for batch in activation_stream(models, contexts, special, batch_size=cfg.batch_size,
-                                       mask=mask, pre_activation=True, device=dev):
-            labels = None  # the features of the batch: the same for every model
-            for acc, a, p in zip(accs, batch.acts, batch.pre_acts or [], strict=True):
-                acc.act.update(a)  # a, p: [n, L*d_mlp]
-                acc.pre.update(p)
-                acc.top.update(a, batch.rows, batch.positions)
-                if acc.fam is not None:
-                    if labels is None:
-                        labels = acc.fam.batch_labels(batch)
-                    acc.fam.update(a[:, acc.subset], p[:, acc.subset] > 0, labels,
-                                   batch.positions)
-            bar.advance(batch.n_contexts * ctx)
-    return accs
 
 
 def _model_columns(m: LoadedModel, acc: _ModelAcc, feats: FamilyFeatures, cfg: AnalyzeConfig
@@ -285,8 +244,9 @@ def _weight_stage(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarr
 
 
 def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, special: dict,
-            tokens_info: dict, cfg: AnalyzeConfig) -> AnalyzeResult:
-    """Run every analysis of ``models`` on ``contexts`` and write it into ``run``."""
+            tokens_info: dict, cfg: AnalyzeConfig, *, resume: bool = False) -> AnalyzeResult:
+    """Run every analysis of ``models`` on ``contexts`` and write it into ``run``; with
+    ``resume``, the token pass continues from its checkpoint (analyses.analyze_pass)."""
     t0 = time.perf_counter()
     notes: list[str] = []
     mask = _mask(run)
@@ -299,7 +259,8 @@ def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, sp
     subsets = [select_neurons(m.name, m.adapter.n_layers, m.adapter.d_mlp, cfg.neurons,
                               None if table is None else table[table["model"] == m.name],
                               cfg.max_neurons, cfg.seed) for m in models]
-    accs = _stream_pass(models, contexts, special, feats, subsets, cfg, mask)
+    accs = accumulate(run, models, contexts, special, feats, subsets, cfg, mask, tokens_info,
+                      resume=resume).accs
 
     cols, ranked, tops = [], [], []
     for m, acc in zip(models, accs, strict=True):
@@ -329,22 +290,24 @@ def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, sp
         "class_features": [f.name for f in classes],
         "n_family_neurons": {m.name: int(len(s)) for m, s in zip(models, subsets, strict=True)},
         "notes": notes, "elapsed_s": round(time.perf_counter() - t0, 3)})
+    clear_state(run)  # the tables hold the token pass now
     roles = summary_counts(mine, "role") if "role" in mine.columns else None
     return AnalyzeResult(neurons=neurons, families=summary_counts(mine, "family"), roles=roles,
                          properties=props, notes=notes)
 
 
-def analyze_run(run_path: str | Path, cfg: AnalyzeConfig, models: Sequence[str] | None = None
-                ) -> AnalyzeResult:
+def analyze_run(run_path: str | Path, cfg: AnalyzeConfig, models: Sequence[str] | None = None,
+                *, resume: bool = False) -> AnalyzeResult:
     """Analyze the models of a correlate run (all, or the ``models`` named), on its tokens."""
     run = RunDir.open(run_path)
     entries = run_model_entries(run, models)
     contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
     loaded = [load_run_model(e, cfg.device) for e in entries]
-    return analyze(run, loaded, contexts, special, info, cfg)
+    return analyze(run, loaded, contexts, special, info, cfg, resume=resume)
 
 
-def analyze_models(specs: Sequence[str], out: str | Path, cfg: AnalyzeConfig) -> AnalyzeResult:
+def analyze_models(specs: Sequence[str], out: str | Path, cfg: AnalyzeConfig, *,
+                   resume: bool = False) -> AnalyzeResult:
     """Analyze models on their own (no partners, so no universality) into run ``out``."""
     if cfg.tokens is None:
         raise UnineuronsError("analyze --model needs --tokens DIR: the token store to stream")
@@ -357,4 +320,4 @@ def analyze_models(specs: Sequence[str], out: str | Path, cfg: AnalyzeConfig) ->
     entries += [{"spec": m.name, "location": m.spec.location, "revision": m.spec.revision,
                  "weights_sha256": m.weights_sha256, **m.info} for m in loaded]
     run.update_manifest(models=entries, tokens=info)
-    return analyze(run, loaded, contexts, special, info, cfg)
+    return analyze(run, loaded, contexts, special, info, cfg, resume=resume)

@@ -36,9 +36,9 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import Device
+from ..config import Backend, Device
 from ..errors import UnineuronsError
 from ..rundir import RunDir
 from .ablate import AblateConfig
@@ -56,11 +56,13 @@ __all__ = ["DynamicsConfig", "DynamicsResult", "run_dynamics", "expand_template"
 #: DynamicsConfig fields handed to every step's CorrelateConfig unchanged.
 _CORRELATE_FIELDS = ("n_tokens", "pairs", "threshold", "ceiling", "batch_size",
                      "accumulate_tokens", "device", "dtype", "memory_budget", "seed",
-                     "drop_newline")
+                     "drop_newline", "backend", "ray_address", "workers", "cpus_per_worker")
 
 
-class DynamicsConfig(BaseModel):
-    """Universal neurons at several checkpoint steps of one seed family."""
+class DynamicsConfig(Backend):
+    """Universal neurons at several checkpoint steps of one seed family. With
+    ``backend="ray"`` every step's correlate stage runs as token shards on Ray workers (the
+    per-step ablations stay in this process)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -147,6 +147,23 @@ class FamilyStats:
         self.position.update(fires, positions)
         return self
 
+    def merge(self, other: FamilyStats) -> FamilyStats:
+        for fam, acc in self.cond.items():
+            acc.merge(other.cond[fam])
+        self.position.merge(other.position)
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The accumulators' tensors, keys ``{family}.{name}`` and ``position.{name}``."""
+        out = {f"{fam}.{k}": v for fam, acc in self.cond.items() for k, v in acc.state_dict().items()}
+        return out | {f"position.{k}": v for k, v in self.position.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> FamilyStats:
+        for name, acc in [*self.cond.items(), ("position", self.position)]:
+            acc.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items()
+                                 if k.split(".", 1)[0] == name})
+        return self
+
     def scores(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """VR ``[F, d]`` per VR family, and the position result (``nmi``, ``mi``, ``peak``)."""
         vr = {f: acc.result()["vr"].cpu().numpy() for f, acc in self.cond.items()}

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..config import build
 from ..errors import UnineuronsError
+from .options import BACKEND, CHECKPOINT_TOKENS, CPUS_PER_WORKER, RAY_ADDRESS, WORKERS
 
 __all__ = ["register", "print_counts", "print_properties", "show_analysis"]
 
@@ -130,6 +131,14 @@ def register(app: typer.Typer) -> None:
             "A role setting KEY=VALUE of analyses.roles.RoleConfig, e.g. prediction_kurt=8 or "
             "entropy_values=0,2,4 (repeat)."
         )),
+        resume: bool = typer.Option(False, help=(
+            "Continue an interrupted token pass from its last checkpoint (same options)."
+        )),
+        checkpoint_tokens: int = CHECKPOINT_TOKENS,
+        backend: str = BACKEND,
+        ray_address: str = RAY_ADDRESS,
+        workers: int = WORKERS,
+        cpus_per_worker: int = CPUS_PER_WORKER,
     ) -> None:
         """Per-neuron statistics (moments, activation frequency), top activating contexts,
         neuron families and universal-vs-other properties, added to the run directory."""
@@ -153,12 +162,14 @@ def register(app: typer.Typer) -> None:
             feature_modules=tuple(str(p) for p in feature_module or ()),
             vr_threshold=vr_threshold, position_threshold=position_threshold, n_ranked=n_ranked,
             vocab_k=vocab_k, seed=seed, device=device, roles=_role_settings(role or []),
+            checkpoint_tokens=checkpoint_tokens, backend=backend, ray_address=ray_address,
+            workers=workers, cpus_per_worker=cpus_per_worker,
         )
         if run is not None:
-            res = analyze_run(run, cfg, models=model or None)
+            res = analyze_run(run, cfg, models=model or None, resume=resume)
             where = run
         else:
-            res = analyze_models(model, out, cfg)
+            res = analyze_models(model, out, cfg, resume=resume)
             where = out
         show_analysis(res)
         console.print(f"results: {where}/neurons.parquet, families.parquet, top_contexts.parquet"

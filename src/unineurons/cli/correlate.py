@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from ..config import build
+from .options import BACKEND, CHECKPOINT_TOKENS, CPUS_PER_WORKER, RAY_ADDRESS, WORKERS
 
 __all__ = ["register", "print_summary"]
 
@@ -69,19 +70,14 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, help="Seed of the random rotations."),
         resume: bool = typer.Option(False, help="Continue an interrupted run in --out from its last checkpoint."),
         save_full_matrix: bool = typer.Option(False, help="Also save each pair's full correlation matrix in float16."),
-        checkpoint_tokens: int = typer.Option(1_000_000, help="Save resumable state every this many tokens."),
+        checkpoint_tokens: int = CHECKPOINT_TOKENS,
         keep_newline: bool = typer.Option(False, help=(
             "Keep newline-token positions (dropped by default, as in the paper)."
         )),
-        backend: str = typer.Option("local", help=(
-            "local: this process; ray: token shards on Ray workers, states merged here "
-            "(pip install 'unineurons\\[ray]')."  # \[: rich would read [ray] as markup
-        )),
-        ray_address: str = typer.Option(None, help=(
-            "Ray cluster to join (auto or HOST:PORT; default: RAY_ADDRESS, else a local instance)."
-        )),
-        workers: int = typer.Option(1, help="Ray workers; each loads the models once (--backend ray)."),
-        cpus_per_worker: int = typer.Option(1, help="CPU cores each Ray worker reserves (--backend ray)."),
+        backend: str = BACKEND,
+        ray_address: str = RAY_ADDRESS,
+        workers: int = WORKERS,
+        cpus_per_worker: int = CPUS_PER_WORKER,
     ) -> None:
         """Correlate every neuron of the reference model with every neuron of the other seeds;
         compare with the random-rotation baseline and mark universal neurons."""

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from ..config import build
+from .options import BACKEND, CPUS_PER_WORKER, RAY_ADDRESS, WORKERS
 
 __all__ = ["register", "show_dynamics", "print_emergence", "print_persistence"]
 
@@ -136,6 +137,10 @@ def dynamics(
                                                "step's)."),
     rank_all: bool = typer.Option(False, "--rank-all", help="Ablations rank every neuron by "
                                   "excess, below the threshold too."),
+    backend: str = BACKEND,
+    ray_address: str = RAY_ADDRESS,
+    workers: int = WORKERS,
+    cpus_per_worker: int = CPUS_PER_WORKER,
 ) -> None:
     """Universal neurons at every checkpoint step: emergence per layer, persistence
     P(t → t'), per-neuron trajectories and (--ablate) group ablations per step."""
@@ -159,7 +164,8 @@ def dynamics(
         steps=None if steps is None else list(parse_int_list(steps, "--steps")),
         tokens=str(tokens), n_tokens=n_tokens, universal=universal, threshold=threshold,
         pairs=pairs, batch_size=batch_size, device=device, dtype=dtype,
-        memory_budget=memory_budget, drop_newline=not keep_newline, ablate=acfg)
+        memory_budget=memory_budget, drop_newline=not keep_newline, ablate=acfg, backend=backend,
+        ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker)
     res = run_dynamics(cfg, out, say=lambda m: console.print(m, highlight=False))
     show_dynamics(res)
     tables = "emergence, persistence, first_universal, trajectories" + \

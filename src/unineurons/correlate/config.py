@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from ..config import Device
+from ..config import Backend, Device
 from ..errors import UnineuronsError
 from .plan import parse_bytes
 
 __all__ = ["CorrelateConfig"]
 
 
-class CorrelateConfig(BaseModel):
+class CorrelateConfig(Backend):
     """Cross-seed neuron correlations, the rotation baseline and universal neurons."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -52,18 +52,6 @@ class CorrelateConfig(BaseModel):
     drop_eos: bool = True
     drop_pad: bool = True
     drop_newline: bool = Field(True, description="Drop positions whose token is a newline (as in the paper).")
-    backend: Literal["local", "ray"] = Field("local", description=(
-        "local: stream in this process. ray: split the tokens into shards that Ray workers stream; "
-        "the driver merges their states (needs pip install 'unineurons[ray]')."
-    ))
-    ray_address: str | None = Field(None, description=(
-        "Ray cluster to join: auto, HOST:PORT or ray://HOST:PORT. Unset: RAY_ADDRESS if set, else a "
-        "local Ray instance on this machine."
-    ))
-    workers: int = Field(1, ge=1, description=(
-        "Ray workers (actors); each loads the models once and streams shards of the tokens."
-    ))
-    cpus_per_worker: int = Field(1, ge=1, description="CPU cores each Ray worker reserves (its torch threads).")
 
     @field_validator("models")
     @classmethod
@@ -82,17 +70,6 @@ class CorrelateConfig(BaseModel):
         except UnineuronsError as e:
             raise ValueError(str(e)) from None
         return v
-
-
-    @model_validator(mode="after")
-    def _ray_options(self) -> CorrelateConfig:
-        if self.backend != "ray":
-            given = [name for name, default in (("ray_address", None), ("workers", 1),
-                                                ("cpus_per_worker", 1))
-                     if getattr(self, name) != default]
-            if given:
-                raise ValueError(f"{', '.join(given)} only apply with --backend ray")
-        return self
 
     @property
     def budget_bytes(self) -> int:
