@@ -339,8 +339,16 @@ def test_analyze_ray_equals_local_with_a_retry(cluster, seeds, tiny_store, tmp_p
 
     (cluster["faults"] / "analyze.shard12.raise").touch()
     analyze_models(seeds, tmp_path / "local", _analyze_cfg(tokens=str(tiny_store)))
-    cfg = _analyze_cfg(tokens=str(tiny_store), backend="ray", workers=2, checkpoint_tokens=512)
-    analyze_models(seeds, tmp_path / "ray", cfg)
+    from unineurons.cli import main
+
+    args = ["analyze", *[x for s in seeds for x in ("--model", s)], "--tokens", str(tiny_store),
+            "--out", str(tmp_path / "ray"), "--n-tokens", str(N_TOK), "--batch-size", "3",
+            "--top-k", "4", "--unigram-top-n", "16", "--role", "entropy_max_candidates=0",
+            "--role", "entropy_n_random=0", "--checkpoint-tokens", "512",
+            "--backend", "ray", "--ray-address", cluster["address"], "--workers", "2"]
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 0
     assert not list(cluster["faults"].iterdir())
     _assert_same_analysis(tmp_path / "local", tmp_path / "ray", atol=1e-9)
     stats = RunDir.open(tmp_path / "ray").manifest()["analyze_ray"]

@@ -125,6 +125,23 @@ def load_tensors(path: str | os.PathLike, what: str = "state file") -> tuple[dic
         ) from None
 
 
+def save_checkpoint(path: str | os.PathLike, tensors: dict, progress: dict) -> None:
+    """A resumable state: ``tensors`` plus a ``progress`` record (JSON in the metadata) that
+    names the ``config_hash`` the state belongs to and where the stage got to."""
+    save_tensors(path, tensors, metadata={"progress": json.dumps(progress)})
+
+
+def load_checkpoint(path: str | os.PathLike, config_hash: str, what: str, mismatch: str
+                    ) -> tuple[dict, dict]:
+    """``(tensors, progress)`` of a :func:`save_checkpoint` file; ``mismatch`` is the error
+    when it belongs to another configuration (resuming it would mix two runs' numbers)."""
+    tensors, meta = load_tensors(path, what)
+    progress = json.loads(meta.get("progress", "{}"))
+    if progress.get("config_hash") != config_hash:
+        raise UnineuronsError(mismatch)
+    return tensors, progress
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     """Hex sha256 of a file's bytes, streamed."""
     h = hashlib.sha256()

@@ -28,7 +28,7 @@ import torch
 
 from ..accumulators import Moments, TopK
 from ..errors import UnineuronsError
-from ..io import load_tensors, save_tensors
+from ..io import load_checkpoint, save_checkpoint
 from ..models.load import LoadedModel
 from ..progress import progress
 from ..rundir import RunDir
@@ -145,20 +145,17 @@ def accumulate(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray,
     ckpt = folder / CHECKPOINT
     cursor = 0
     if resume and ckpt.is_file():
-        saved, meta = load_tensors(ckpt, "analyze checkpoint")
-        prog = json.loads(meta.get("progress", "{}"))
-        if prog.get("config_hash") != chash:
-            raise UnineuronsError(
-                f"run {run.path} holds an unfinished analyze pass of a different configuration "
-                "(models, tokens, neurons or options changed); rerun without --resume to start over")
+        saved, prog = load_checkpoint(
+            ckpt, chash, "analyze checkpoint",
+            f"run {run.path} holds an unfinished analyze pass of a different configuration "
+            "(models, tokens, neurons or options changed); rerun without --resume to start over")
         st.load(saved)
         cursor = int(prog["cursor"])
     elif not resume:
         clear_state(run)  # an earlier, unfinished pass: start over
 
     def checkpoint(at: int) -> None:
-        save_tensors(ckpt, st.state_dict(), metadata={"progress": json.dumps(
-            {"config_hash": chash, "cursor": at})})
+        save_checkpoint(ckpt, st.state_dict(), {"config_hash": chash, "cursor": at})
 
     if cfg.backend == "ray":
         from ..sharding import RayOptions, model_job, run_shards

@@ -12,12 +12,11 @@ a checkpoint from either backend resumes on either. Shard files are
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import torch
 
 from ..accumulators.comoments import batch_matmul_dtype
-from ..io import save_tensors
+from ..io import save_checkpoint
 from ..models.load import LoadedModel
 from ..rundir import RunDir
 from ..sharding import SHARDS_PER_WORKER, RayOptions, ShardWorker, model_job, run_shards
@@ -70,8 +69,8 @@ def ray_pass(run: RunDir, cfg: CorrelateConfig, st: _PassState, models: list[Loa
     p = pass_index
     ckpt = run.state_dir / CHECKPOINT
     if not ckpt.is_file():  # so a killed run is refused without --resume, as a local one is
-        save_tensors(ckpt, {}, metadata={"progress": json.dumps(
-            {"config_hash": chash, "pass": p, "cursor": cursor, "kept_tokens": kept})})
+        save_checkpoint(ckpt, {}, {"config_hash": chash, "pass": p, "cursor": cursor,
+                                   "kept_tokens": kept})
     total = {"kept": kept}
 
     def merge(fh) -> None:

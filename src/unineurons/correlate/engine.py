@@ -20,7 +20,7 @@ import torch
 
 from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype, shift_of, shifted
 from ..errors import UnineuronsError
-from ..io import load_tensors, save_tensors
+from ..io import load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from ..models.load import LoadedModel, check_compatible, load_model
 from ..progress import progress
 from ..rundir import RunDir
@@ -140,8 +140,7 @@ class _PassState:
 
 
 def _save_checkpoint(run: RunDir, st: _PassState, meta: dict) -> None:
-    save_tensors(run.state_dir / CHECKPOINT, st.state_dict(),
-                 metadata={"progress": json.dumps(meta)})
+    save_checkpoint(run.state_dir / CHECKPOINT, st.state_dict(), meta)
 
 
 def _unit_results(u: Unit, co: CoMoments, layercov: list[LayerCov], rots: list[list[torch.Tensor]],
@@ -220,13 +219,10 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     start_pass, cursor, kept = 0, 0, 0
     saved: dict[str, torch.Tensor] | None = None
     if resume and ckpt_path.is_file():
-        saved, meta = load_tensors(ckpt_path, "correlate checkpoint")
-        prog = json.loads(meta.get("progress", "{}"))
-        if prog.get("config_hash") != chash:
-            raise UnineuronsError(
-                f"run directory {run.path} holds a checkpoint of a different configuration (models, "
-                "tokens or options changed); resume with the same command, or choose a new --out"
-            )
+        saved, prog = load_checkpoint(
+            ckpt_path, chash, "correlate checkpoint",
+            f"run directory {run.path} holds a checkpoint of a different configuration (models, "
+            "tokens or options changed); resume with the same command, or choose a new --out")
         start_pass, cursor, kept = prog["pass"], prog["cursor"], prog["kept_tokens"]
 
     layercov: list[LayerCov] | None = None
@@ -272,8 +268,8 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
                 results[f"{u.key()}.{k}"] = v
         save_tensors(run.state_dir / f"results.{p}.safetensors", results)
         # the pass is done: the next checkpoint starts the next pass from token 0
-        save_tensors(ckpt_path, {}, metadata={"progress": json.dumps(
-            {"config_hash": chash, "pass": p + 1, "cursor": 0, "kept_tokens": kept})})
+        save_checkpoint(ckpt_path, {}, {"config_hash": chash, "pass": p + 1, "cursor": 0,
+                                        "kept_tokens": kept})
         saved = None
 
     all_results: dict[str, torch.Tensor] = {}
