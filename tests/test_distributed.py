@@ -358,7 +358,7 @@ def test_analyze_ray_equals_local_with_a_retry(cluster, seeds, tiny_store, tmp_p
 
 @pytest.mark.slow
 def test_dynamics_ray_equals_local(cluster, tiny_tokenizer, tiny_store, tmp_path):
-    """Every step's correlate stage on Ray workers gives the local tables."""
+    """Every step's correlate stage and ablations on Ray workers give the local tables."""
     from unineurons.analyses.dynamics import DynamicsConfig, run_dynamics
 
     for i, name in enumerate(("a", "b")):
@@ -367,11 +367,43 @@ def test_dynamics_ray_equals_local(cluster, tiny_tokenizer, tiny_store, tmp_path
     base = dict(model_template=str(tmp_path / "{name}-{step}"), names=["a", "b"], steps=[1, 2],
                 tokens=str(tiny_store), n_tokens=N_TOK, universal="top:0.1", batch_size=2,
                 accumulate_tokens=128)
+    from unineurons.analyses.ablate import AblateConfig
+
+    base["ablate"] = AblateConfig(sizes=[2, "all"], random_draws=1, batch_size=4)
     local = run_dynamics(DynamicsConfig(**base), tmp_path / "dyn_local")
     ray = run_dynamics(DynamicsConfig(**base, backend="ray", workers=2), tmp_path / "dyn_ray")
-    for name in ("emergence", "trajectories", "persistence"):
+    for name in ("emergence", "trajectories", "persistence", "ablations"):
         pd.testing.assert_frame_equal(getattr(local, name), getattr(ray, name), check_exact=False,
                                       atol=1e-6, rtol=0, obj=name)
     for t in (1, 2):
         step = RunDir.open(tmp_path / "dyn_ray" / "steps" / f"step{t}").manifest()
         assert step["correlate_ray"]["passes"]["0"]["computed_shards"] == 8
+        assert step["ablate_ray"][str(tmp_path / f"a-{t}")]["computed_shards"] == 8
+
+
+@pytest.mark.slow
+def test_ablate_ray_equals_local_with_a_retry(cluster, seeds, tiny_store, tmp_path):
+    """Every patched forward pass on token shards gives the local ablations table."""
+    import shutil
+
+    from unineurons.analyses.ablate import AblateConfig, run_ablations
+    from unineurons.cli import main
+
+    run_correlate(_cfg(seeds[:2], tiny_store), tmp_path / "local")
+    shutil.copytree(tmp_path / "local", tmp_path / "ray")
+    local = run_ablations(RunDir.open(tmp_path / "local"), AblateConfig(
+        sizes=[1, 4, "all"], random_draws=2, rank_all=True, method="mean", batch_size=4))
+    (cluster["faults"] / "ablate.shard12.raise").touch()
+    with pytest.raises(SystemExit) as exit_:
+        main(["ablate", str(tmp_path / "ray"), "--sizes", "1,4,all", "--random-draws", "2",
+              "--rank-all", "--method", "mean", "--batch-size", "4", "--backend", "ray",
+              "--ray-address", cluster["address"], "--workers", "2"])
+    assert exit_.value.code == 0
+    assert not list(cluster["faults"].iterdir())
+    ray = pd.read_parquet(tmp_path / "ray" / "ablations.parquet")
+    # float64 sums in another order; the rank statistics are integer counts
+    pd.testing.assert_frame_equal(local, ray, check_exact=False, atol=1e-9, rtol=0)
+    assert local["n_ablated"].sum() > 0 and (local["delta_loss"].abs() > 0).any()
+    stats = RunDir.open(tmp_path / "ray").manifest()["ablate_ray"][seeds[0]]
+    assert stats["computed_shards"] == 8 and stats["retries"] == 1
+    assert not list((tmp_path / "ray" / "state" / "ablate").iterdir())

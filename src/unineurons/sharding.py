@@ -300,12 +300,15 @@ Merge = Callable[[Any], None]
 
 
 def run_shards(opts: RayOptions, *, task: str, job: dict, extra: dict, tag: str, state_dir: Path,
-               start: int, stop: int, ctx: int, merge: Merge, checkpoint: Callable[[int], None],
-               checkpoint_tokens: int, desc: str, release: bool = True) -> dict:
+               start: int, stop: int, ctx: int, merge: Merge,
+               checkpoint: Callable[[int], None] | None, checkpoint_tokens: int, desc: str,
+               release: bool = True) -> dict:
     """Stream contexts ``[start, stop)`` as shards of ``task`` on Ray workers.
 
     ``merge(file)`` receives each shard's open state file in context order; every
-    ``checkpoint_tokens`` merged tokens ``checkpoint(cursor)`` saves the merged prefix. ``job``
+    ``checkpoint_tokens`` merged tokens ``checkpoint(cursor)`` saves the merged prefix and the
+    shard files it holds are deleted (``checkpoint=None``: the caller deletes them when done;
+    until then a rerun reuses them). ``job``
     must hold ``config_hash`` (shard files of another hash are never merged) and
     :func:`model_job`'s keys. ``release``: end the workers afterwards (the last call of a
     stage; idle actors would keep their CPUs and GPUs reserved). Returns statistics for the
@@ -332,7 +335,7 @@ def run_shards(opts: RayOptions, *, task: str, job: dict, extra: dict, tag: str,
             cursor = rng[1]
             since += (rng[1] - rng[0]) * ctx
             merged.append(path)
-        if since >= checkpoint_tokens and cursor < stop:
+        if checkpoint is not None and since >= checkpoint_tokens and cursor < stop:
             checkpoint(cursor)
             for f in merged:
                 f.unlink()

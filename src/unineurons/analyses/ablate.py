@@ -32,10 +32,10 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from ..accumulators.moments import Moments
-from ..config import Device
+from ..config import Backend, Device
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
 from ..stream import activation_stream
@@ -71,8 +71,10 @@ def parse_method(method: str) -> tuple[str, float | None]:
                           "(X a finite number, e.g. value:-1.5)")
 
 
-class AblateConfig(BaseModel):
-    """Group ablations of universal vs non-universal vs random neurons."""
+class AblateConfig(Backend):
+    """Group ablations of universal vs non-universal vs random neurons. With
+    ``backend="ray"`` the patched forward passes run as token shards on Ray workers
+    (analyses.ablate_shards); the means of ``method="mean"`` are streamed here."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -213,11 +215,13 @@ def neuron_means(m: LoadedModel, contexts: np.ndarray, special: dict, batch_size
 
 
 def ablate_model(m: LoadedModel, table: pd.DataFrame, contexts: np.ndarray, special: dict,
-                 cfg: AblateConfig) -> pd.DataFrame:
+                 cfg: AblateConfig, *, run: Any = None, tokens_info: dict | None = None
+                 ) -> pd.DataFrame:
     """Run every configuration of ``cfg`` on one model (one pass over ``contexts``).
 
     ``table``: the model's rows of ``neurons.parquet``. Returns one row per configuration
-    (columns in docs/tables.md, ``ablations.parquet``).
+    (columns in docs/tables.md, ``ablations.parquet``). ``backend="ray"`` needs the ``run``
+    (for its shard files) and ``tokens_info`` (the store and context count of ``contexts``).
     """
     kind, value = parse_method(cfg.method)
     ad = m.adapter
@@ -235,9 +239,16 @@ def ablate_model(m: LoadedModel, table: pd.DataFrame, contexts: np.ndarray, spec
             vals = 0.0 if kind == "zero" else value
         patches.append(make_patch(neurons, vals))
     results = []
-    if patches:  # all sets empty: nothing to run
+    desc = f"ablating in {m.name} ({len(patches)} sets)"
+    if patches and cfg.backend == "ray":
+        from .ablate_shards import ray_evaluate_patches
+
+        if run is None or tokens_info is None:
+            raise UnineuronsError("ablate on Ray needs the run directory and its token store")
+        _, results = ray_evaluate_patches(run, m, tokens_info, patches, cfg, desc)
+    elif patches:  # all sets empty: nothing to run
         _, results = evaluate_patches(m, contexts, special, patches, batch_size=cfg.batch_size,
-                                      desc=f"ablating in {m.name} ({len(patches)} sets)")
+                                      desc=desc)
     by_set = dict(zip(distinct, results, strict=True))
     universal = {(int(a), int(b)) for a, b, u in
                  zip(table["layer"], table["neuron"], table["is_universal"].fillna(False),
@@ -289,7 +300,8 @@ def run_ablations(run: Any, cfg: AblateConfig) -> pd.DataFrame:
     frames = []
     for e in entries:
         m = load_run_model(e, cfg.device)
-        frames.append(ablate_model(m, tables[e["spec"]], contexts, special, cfg))
+        frames.append(ablate_model(m, tables[e["spec"]], contexts, special, cfg, run=run,
+                                   tokens_info=tok_info))
         del m
     df = pd.concat(frames, ignore_index=True)
     write_model_rows(run, "ablations", df)

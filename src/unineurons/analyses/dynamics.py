@@ -54,15 +54,16 @@ __all__ = ["DynamicsConfig", "DynamicsResult", "run_dynamics", "expand_template"
            "zoo_step_models", "plan_models", "correlate_config", "with_defaults"]
 
 #: DynamicsConfig fields handed to every step's CorrelateConfig unchanged.
+_BACKEND_FIELDS = ("backend", "ray_address", "workers", "cpus_per_worker")
 _CORRELATE_FIELDS = ("n_tokens", "pairs", "threshold", "ceiling", "batch_size",
                      "accumulate_tokens", "device", "dtype", "memory_budget", "seed",
-                     "drop_newline", "backend", "ray_address", "workers", "cpus_per_worker")
+                     "drop_newline", *_BACKEND_FIELDS)
 
 
 class DynamicsConfig(Backend):
     """Universal neurons at several checkpoint steps of one seed family. With
-    ``backend="ray"`` every step's correlate stage runs as token shards on Ray workers (the
-    per-step ablations stay in this process)."""
+    ``backend="ray"`` every step's correlate stage and ablations run as token shards on Ray
+    workers."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -265,8 +266,12 @@ def _step_ablate(cfg: DynamicsConfig, n_neurons: int) -> AblateConfig | None:
     """The ablate config of one step. Under ``top:S`` the universal set is ranked over every
     neuron (rank_all) and size ``all`` becomes |U_t| = ceil(S * n), so that set is exactly U_t."""
     a = cfg.ablate
+    if a is None:
+        return None
+    if cfg.backend == "ray" and a.backend == "local":  # the steps' ablations go to Ray too
+        a = AblateConfig(**{**a.model_dump(), **{k: getattr(cfg, k) for k in _BACKEND_FIELDS}})
     kind, share = parse_universal(cfg.universal)
-    if a is None or kind == "threshold":
+    if kind == "threshold":
         return a
     assert share is not None
     k = math.ceil(round(share * n_neurons, 9))
@@ -279,10 +284,13 @@ def _ablate_step(sub: RunDir, acfg: AblateConfig, specs: list[str], correlate_re
     """Run (or reuse) one step's ablations; rows of ``specs`` and whether they were reused."""
     from .ablate import run_ablations
 
-    want = acfg.model_dump(mode="json")
+    def numbers(c: dict) -> dict:  # where the ablations ran does not change them
+        return {k: v for k, v in c.items() if k not in _BACKEND_FIELDS}
+
+    want = numbers(acfg.model_dump(mode="json"))
     section = sub.manifest().get("ablate", {})
     if (correlate_reused and sub.has_table("ablations")
-            and all(section.get(s, {}).get("config") == want for s in specs)):
+            and all(numbers(section.get(s, {}).get("config") or {}) == want for s in specs)):
         old = sub.read_table("ablations")
         old = old[old["model"].isin(specs)]
         if set(old["model"]) == set(specs):

@@ -18,7 +18,7 @@ wires it to a run directory (``unineurons intervene``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ from ..models.load import LoadedModel, load_model
 from ..progress import progress
 
 __all__ = ["LMMetrics", "NeuronPatch", "make_patch", "target_mask", "final_norm_scale",
-           "evaluate_patches", "intervene_neurons", "random_late_neurons", "InterveneConfig",
+           "evaluate_patches", "patch_metrics", "patch_results", "intervene_neurons",
+           "random_late_neurons", "InterveneConfig",
            "run_interventions", "METRICS", "run_model_entries", "load_run_model", "run_contexts",
            "write_model_rows"]
 
@@ -226,6 +227,20 @@ def evaluate_patches(m: LoadedModel, contexts: np.ndarray, special: dict,
     :data:`METRICS`; the per-patch dicts also hold ``delta_loss``, ``delta_entropy`` and
     ``delta_final_norm_scale`` (patched minus clean). An empty patch is the clean model.
     """
+    n_ctx, ctx = contexts.shape
+    with progress(desc, total=n_ctx * ctx * (1 + len(patches)), unit="tokens") as bar:
+        clean, accs = patch_metrics(m, contexts, special, patches, batch_size=batch_size,
+                                    advance=bar.advance)
+    return patch_results(clean, accs)
+
+
+@torch.inference_mode()
+def patch_metrics(m: LoadedModel, contexts: np.ndarray, special: dict,
+                  patches: Sequence[NeuronPatch], *, batch_size: int = 8, start: int = 0,
+                  advance: Callable[[int], None] = lambda n: None
+                  ) -> tuple[LMMetrics, list[LMMetrics]]:
+    """The accumulators of :func:`evaluate_patches` over ``contexts[start:]``: the clean
+    model's and one per patch (they merge: a token shard's states add up to the whole)."""
     if batch_size < 1:
         raise UnineuronsError(f"--batch-size must be at least 1, got {batch_size}")
     ad = m.adapter
@@ -236,26 +251,30 @@ def evaluate_patches(m: LoadedModel, contexts: np.ndarray, special: dict,
                    for p in patches]
     clean = LMMetrics(ad.vocab_size, device)
     accs = [LMMetrics(ad.vocab_size, device) for _ in patches]
-    n_ctx, ctx = contexts.shape
-    with progress(desc, total=n_ctx * ctx * (1 + len(patches)), unit="tokens") as bar:
-        for b0 in range(0, n_ctx, batch_size):
-            tokens = torch.from_numpy(np.asarray(contexts[b0:b0 + batch_size]).astype(np.int64))
-            if int(tokens.max()) >= ad.vocab_size:
-                raise UnineuronsError(
-                    f"model {m.name}: token id {int(tokens.max())} is outside its vocabulary of "
-                    f"{ad.vocab_size}; the token store was made with another tokenizer"
-                )
-            tokens = tokens.to(device)  # [B, T]
-            valid = target_mask(tokens, special)  # [B, T-1]
-            targets = tokens[:, 1:][valid]  # [n]
-            clean_logp, clean_scale = _forward(m, tokens, valid)
-            clean.update(clean_logp, targets, clean_scale, clean_logp)
-            bar.advance(tokens.numel())
-            for patch, acc in zip(dev_patches, accs, strict=True):
-                with ad.intervene(_patch_fn(patch), layers=sorted(patch)):
-                    logp, scale = _forward(m, tokens, valid)
-                acc.update(logp, targets, scale, clean_logp)
-                bar.advance(tokens.numel())
+    for b0 in range(start, contexts.shape[0], batch_size):
+        tokens = torch.from_numpy(np.asarray(contexts[b0:b0 + batch_size]).astype(np.int64))
+        if int(tokens.max()) >= ad.vocab_size:
+            raise UnineuronsError(
+                f"model {m.name}: token id {int(tokens.max())} is outside its vocabulary of "
+                f"{ad.vocab_size}; the token store was made with another tokenizer"
+            )
+        tokens = tokens.to(device)  # [B, T]
+        valid = target_mask(tokens, special)  # [B, T-1]
+        targets = tokens[:, 1:][valid]  # [n]
+        clean_logp, clean_scale = _forward(m, tokens, valid)
+        clean.update(clean_logp, targets, clean_scale, clean_logp)
+        advance(tokens.numel())
+        for patch, acc in zip(dev_patches, accs, strict=True):
+            with ad.intervene(_patch_fn(patch), layers=sorted(patch)):
+                logp, scale = _forward(m, tokens, valid)
+            acc.update(logp, targets, scale, clean_logp)
+            advance(tokens.numel())
+    return clean, accs
+
+
+def patch_results(clean: LMMetrics, accs: Sequence[LMMetrics]
+                  ) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """``(clean metrics, [per patch metrics with the deltas to clean])``."""
     base = clean.result()
     out = []
     for acc in accs:

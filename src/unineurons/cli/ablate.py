@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ..config import build
+from .options import BACKEND, CPUS_PER_WORKER, RAY_ADDRESS, WORKERS
 
 SIZES_DEFAULT = ",".join(str(2 ** k) for k in range(15)) + ",all"
 
@@ -65,6 +66,10 @@ def ablate(
     seed: int = typer.Option(0, "--seed", help="Seed of the random sets."),
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
+    backend: str = BACKEND,
+    ray_address: str = RAY_ADDRESS,
+    workers: int = WORKERS,
+    cpus_per_worker: int = CPUS_PER_WORKER,
 ) -> None:
     """Group ablations: universal vs non-universal vs random neurons -> RUN/ablations.parquet."""
     from ..analyses.ablate import AblateConfig, run_ablations
@@ -72,9 +77,11 @@ def ablate(
     from . import console
 
     cfg = build(AblateConfig, models=model or None, sets=_items(sets, "--sets"), method=method,
-                  sizes=_sizes(sizes), per_layer=per_layer, random_draws=random_draws,
-                  rank_all=rank_all, tokens=None if tokens is None else str(tokens),
-                  n_tokens=n_tokens, seed=seed, batch_size=batch_size, device=device)
+                sizes=_sizes(sizes), per_layer=per_layer, random_draws=random_draws,
+                rank_all=rank_all, tokens=None if tokens is None else str(tokens),
+                n_tokens=n_tokens, seed=seed, batch_size=batch_size, device=device,
+                backend=backend, ray_address=ray_address, workers=workers,
+                cpus_per_worker=cpus_per_worker)
     rd = RunDir.open(run)
     df = run_ablations(rd, cfg)
     show_ablations(df)
