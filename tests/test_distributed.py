@@ -407,3 +407,25 @@ def test_ablate_ray_equals_local_with_a_retry(cluster, seeds, tiny_store, tmp_pa
     stats = RunDir.open(tmp_path / "ray").manifest()["ablate_ray"][seeds[0]]
     assert stats["computed_shards"] == 8 and stats["retries"] == 1
     assert not list((tmp_path / "ray" / "state" / "ablate").iterdir())
+
+
+def test_backend_options_are_shared_and_never_change_the_numbers():
+    from unineurons.analyses.ablate import AblateConfig
+    from unineurons.analyses.analyze import AnalyzeConfig
+    from unineurons.analyses.dynamics import DynamicsConfig, _step_ablate, correlate_config
+    from unineurons.config import without_backend
+
+    for cls in (AnalyzeConfig, AblateConfig):
+        with pytest.raises(ValueError, match="workers only apply with --backend ray"):
+            cls(workers=2)
+    dyn = DynamicsConfig(model_template="m/{name}@{step}", names=["a", "b"], steps=[1],
+                         tokens="t", backend="ray", workers=3, ablate=AblateConfig())
+    cc = correlate_config(dyn, ["x", "y"])
+    assert (cc.backend, cc.workers) == ("ray", 3)
+    step_ablate = _step_ablate(dyn, 64)
+    assert (step_ablate.backend, step_ablate.workers) == ("ray", 3)
+    local = DynamicsConfig(**{**dyn.model_dump(), "backend": "local", "workers": 1,
+                              "ablate": AblateConfig()})
+    assert without_backend(local.model_dump()) == without_backend(dyn.model_dump())
+    assert without_backend(local.model_dump()) != without_backend(
+        DynamicsConfig(**{**local.model_dump(), "seed": 1}).model_dump())

@@ -14,7 +14,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from .errors import UnineuronsError
 
-__all__ = ["Device", "check_device", "build", "describe_error", "Backend"]
+__all__ = ["Device", "check_device", "build", "describe_error", "Backend", "BACKEND_FIELDS",
+           "without_backend"]
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -58,6 +59,20 @@ class Backend(BaseModel):
             if given:
                 raise ValueError(f"{', '.join(given)} only apply with --backend ray")
         return self
+
+
+#: The :class:`Backend` fields: where a stage runs, which never changes its numbers.
+BACKEND_FIELDS = frozenset(Backend.model_fields)
+
+
+def without_backend(d: Any) -> Any:
+    """A config dump without the :data:`BACKEND_FIELDS` at any depth: what decides the numbers
+    (a stage done on Ray is reused by a local rerun, and the other way round)."""
+    if isinstance(d, dict):
+        return {k: without_backend(v) for k, v in d.items() if k not in BACKEND_FIELDS}
+    if isinstance(d, (list, tuple)):
+        return [without_backend(v) for v in d]
+    return d
 
 
 def describe_error(e: ValidationError, option_style: bool = True) -> str:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .analyses.ablate import AblateConfig
 from .analyses.analyze import AnalyzeConfig
 from .analyses.dynamics import DynamicsConfig
-from .config import describe_error
+from .config import describe_error, without_backend
 from .errors import UnineuronsError
 from .io import prepare_out_dir, read_json, write_json
 from .report.build import ReportConfig
@@ -161,7 +161,10 @@ class _Runner:
         self.where: dict[str, str] = {}
 
     def stage(self, name: str, section: Any, outputs: list[Path], fn: Callable[[], Any]) -> None:
-        h = _hash([self.chain, name, section.model_dump() if hasattr(section, "model_dump") else section])
+        dump = section.model_dump() if hasattr(section, "model_dump") else section
+        if isinstance(section, (AnalyzeConfig, AblateConfig, DynamicsConfig)):
+            dump = without_backend(dump)  # a stage run on Ray is reused by a local rerun
+        h = _hash([self.chain, name, dump])
         self.chain = h
         done = self.state.get(name, {})
         if done.get("hash") == h and all(p.exists() for p in outputs):

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import Backend, Device
+from ..config import BACKEND_FIELDS, Backend, Device, without_backend
 from ..errors import UnineuronsError
 from ..rundir import RunDir
 from .ablate import AblateConfig
@@ -54,10 +54,9 @@ __all__ = ["DynamicsConfig", "DynamicsResult", "run_dynamics", "expand_template"
            "zoo_step_models", "plan_models", "correlate_config", "with_defaults"]
 
 #: DynamicsConfig fields handed to every step's CorrelateConfig unchanged.
-_BACKEND_FIELDS = ("backend", "ray_address", "workers", "cpus_per_worker")
 _CORRELATE_FIELDS = ("n_tokens", "pairs", "threshold", "ceiling", "batch_size",
                      "accumulate_tokens", "device", "dtype", "memory_budget", "seed",
-                     "drop_newline", *_BACKEND_FIELDS)
+                     "drop_newline", *sorted(BACKEND_FIELDS))
 
 
 class DynamicsConfig(Backend):
@@ -269,7 +268,7 @@ def _step_ablate(cfg: DynamicsConfig, n_neurons: int) -> AblateConfig | None:
     if a is None:
         return None
     if cfg.backend == "ray" and a.backend == "local":  # the steps' ablations go to Ray too
-        a = AblateConfig(**{**a.model_dump(), **{k: getattr(cfg, k) for k in _BACKEND_FIELDS}})
+        a = AblateConfig(**{**a.model_dump(), **{k: getattr(cfg, k) for k in BACKEND_FIELDS}})
     kind, share = parse_universal(cfg.universal)
     if kind == "threshold":
         return a
@@ -284,13 +283,10 @@ def _ablate_step(sub: RunDir, acfg: AblateConfig, specs: list[str], correlate_re
     """Run (or reuse) one step's ablations; rows of ``specs`` and whether they were reused."""
     from .ablate import run_ablations
 
-    def numbers(c: dict) -> dict:  # where the ablations ran does not change them
-        return {k: v for k, v in c.items() if k not in _BACKEND_FIELDS}
-
-    want = numbers(acfg.model_dump(mode="json"))
+    want = without_backend(acfg.model_dump(mode="json"))  # where they ran changes nothing
     section = sub.manifest().get("ablate", {})
     if (correlate_reused and sub.has_table("ablations")
-            and all(numbers(section.get(s, {}).get("config") or {}) == want for s in specs)):
+            and all(without_backend(section.get(s, {}).get("config") or {}) == want for s in specs)):
         old = sub.read_table("ablations")
         old = old[old["model"].isin(specs)]
         if set(old["model"]) == set(specs):
