@@ -87,6 +87,31 @@ def test_hf_saved_dataset_and_dataset_dict(tmp_path):
         open_source(f"hf:{tmp_path / 'nt'}")
 
 
+def test_hf_options_column_config_streaming(tmp_path, monkeypatch):
+    import datasets
+
+    datasets.Dataset.from_dict({"body": TEXTS[:3]}).save_to_disk(str(tmp_path / "nt"))
+    assert [d.text for d in open_source(f"hf:{tmp_path / 'nt'}?column=body")] == TEXTS[:3]
+    with pytest.raises(UnineuronsError, match="option 'colum=body' is not one of"):
+        open_source(f"hf:{tmp_path / 'nt'}?colum=body")
+    with pytest.raises(UnineuronsError, match="streaming must be 1 or 0"):
+        open_source(f"hf:{tmp_path / 'nt'}?streaming=yes")
+    calls = []
+
+    def fake_load(name, config=None, *, split, streaming):  # the hub, as a stream of rows
+        calls.append((name, config, split, streaming))
+        return datasets.IterableDataset.from_generator(
+            lambda: ({"content": t, "meta": i} for i, t in enumerate(TEXTS[:4])))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    docs = list(open_source("hf:org/corpus:validation?config=v1&column=content&streaming=1"))
+    assert [d.text for d in docs] == TEXTS[:4]
+    assert docs[1].id == "org/corpus[validation]#1"
+    assert calls == [("org/corpus", "v1", "validation", True)]
+    list(open_source("hf:org/corpus?column=content"))
+    assert calls[-1] == ("org/corpus", None, "train", False)
+
+
 def test_hf_missing_dataset_offline(tmp_path, monkeypatch):
     import datasets.config
     import huggingface_hub.constants

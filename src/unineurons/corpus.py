@@ -7,8 +7,11 @@ A source string (``SRC`` on the command line) is one of
   are read; hidden files and folders are skipped.
 - ``jsonl:PATH``: one JSON object per line with a ``text`` string; ``.zst`` and ``.gz``
   compressed files too. ``PATH`` may be a folder of such files (sorted).
-- ``hf:NAME[:SPLIT]``: a Hugging Face ``datasets`` dataset with a ``text`` column: a folder
-  saved with ``save_to_disk``, or a hub id when online (``SPLIT`` defaults to ``train``).
+- ``hf:NAME[:SPLIT][?config=C&column=COL&streaming=1]``: a Hugging Face ``datasets``
+  dataset: a folder saved with ``save_to_disk``, or a hub id when online (``SPLIT`` defaults
+  to ``train``; ``config`` is the dataset's configuration, e.g. ``wikitext-103-raw-v1``;
+  ``column`` the text column, ``text`` by default; ``streaming=1`` reads a hub dataset as
+  it downloads instead of caching all of it first).
 - ``stdlib``: the running interpreter's standard library ``.py`` sources, one document per
   file: the built-in corpus that works offline everywhere.
 
@@ -43,7 +46,8 @@ __all__ = ["Document", "open_source", "split_of", "order_key", "ShuffledDocument
            "TEXT_SUFFIXES"]
 
 #: The source forms, as listed in error messages.
-SCHEMES = ("PATH (file or folder)", "jsonl:PATH", "hf:NAME[:SPLIT]", "stdlib")
+SCHEMES = ("PATH (file or folder)", "jsonl:PATH", "hf:NAME[:SPLIT][?config=C&column=COL&streaming=1]",
+           "stdlib")
 
 #: File name endings read from a folder source. A single file given directly is read whatever
 #: its name, as long as it is UTF-8.
@@ -196,11 +200,31 @@ def _jsonl_file(path: Path, name: str) -> Iterator[Document]:
             ) from None
 
 
-def _hf(spec: str, src: str) -> Iterator[Document]:
-    name, _, split = spec.partition(":")
-    split = split or "train"
+_HF_OPTIONS = ("config", "column", "streaming")
+
+
+def _hf_spec(spec: str, src: str) -> tuple[str, str, dict[str, str]]:
+    """``NAME[:SPLIT][?config=C&column=COL&streaming=1]`` -> (name, split, options)."""
+    body, _, query = spec.partition("?")
+    name, _, split = body.partition(":")
     if not name:
-        raise UnineuronsError(f"corpus {src}: no dataset name; write hf:NAME[:SPLIT]")
+        raise UnineuronsError(f"corpus {src}: no dataset name; write hf:NAME[:SPLIT][?config=C]")
+    opts: dict[str, str] = {}
+    for item in filter(None, query.split("&")):
+        key, sep, value = item.partition("=")
+        if key not in _HF_OPTIONS or not sep or not value:
+            raise UnineuronsError(f"corpus {src}: option {item!r} is not one of "
+                                  f"{', '.join(k + '=...' for k in _HF_OPTIONS)}")
+        opts[key] = value
+    if opts.get("streaming", "0") not in ("0", "1", "true", "false"):
+        raise UnineuronsError(f"corpus {src}: streaming must be 1 or 0")
+    return name, split or "train", opts
+
+
+def _hf(spec: str, src: str) -> Iterator[Document]:
+    name, split, opts = _hf_spec(spec, src)
+    column = opts.get("column", "text")
+    streaming = opts.get("streaming") in ("1", "true")
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
@@ -213,12 +237,13 @@ def _hf(spec: str, src: str) -> Iterator[Document]:
             "Dataset.save_to_disk or give a hub id"
         )
     try:
+        # streaming reads a hub dataset as it downloads (nothing cached on disk first)
         ds = (datasets.load_from_disk(str(local)) if local.is_dir()
-              else datasets.load_dataset(name, split=split))
+              else datasets.load_dataset(name, opts.get("config"), split=split, streaming=streaming))
     except Exception as e:  # datasets raises many types: offline, missing, bad folder
         first = str(e).splitlines()[0] if str(e) else ""
         where = "folder is not a saved dataset" if local.is_dir() else (
-            "no such dataset/split, or offline and not cached")
+            "no such dataset/config/split, or offline and not cached")
         raise UnineuronsError(
             f"corpus {src}: cannot load dataset {name} ({type(e).__name__}: {first}); {where}: "
             "pass a folder saved with Dataset.save_to_disk, or connect and check the id"
@@ -229,18 +254,19 @@ def _hf(spec: str, src: str) -> Iterator[Document]:
                 f"corpus {src}: dataset has no split {split!r}; it has {', '.join(ds)}"
             )
         ds = ds[split]
-    if "text" not in ds.column_names:
+    names = ds.column_names
+    if names is not None and column not in names:  # a stream may not know its columns yet
         raise UnineuronsError(
-            f"corpus {src}: dataset has no 'text' column (it has {', '.join(ds.column_names)}); "
-            "save a dataset with a text column"
+            f"corpus {src}: dataset has no {column!r} column (it has {', '.join(names)}); "
+            "choose one with ?column=NAME"
         )
-    return _hf_rows(ds.select_columns(["text"]), f"{name}[{split}]")
+    return _hf_rows(ds.select_columns([column]), f"{name}[{split}]", column)
 
 
-def _hf_rows(ds, name: str) -> Iterator[Document]:
+def _hf_rows(ds, name: str, column: str = "text") -> Iterator[Document]:
     i = 0
     for batch in ds.iter(batch_size=1000):  # batched: row-by-row access is slow in datasets
-        for text in batch["text"]:
+        for text in batch[column]:
             if isinstance(text, str) and text:
                 yield Document(f"{name}#{i}", text)
             i += 1

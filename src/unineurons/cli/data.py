@@ -10,8 +10,9 @@ from pathlib import Path
 import typer
 
 SOURCE_HELP = ("Corpus: a text file or folder, jsonl:PATH (.jsonl, .jsonl.zst, .jsonl.gz or a "
-               "folder of them; a 'text' field per line), hf:NAME[:SPLIT] (a datasets folder "
-               "saved with save_to_disk, or a hub id when online; 'text' column), or stdlib "
+               "folder of them; a 'text' field per line), hf:NAME[:SPLIT][?config=C&column=COL"
+               "&streaming=1] (a datasets folder saved with save_to_disk, or a hub id when "
+               "online; 'text' column by default), or stdlib "
                "(this Python's standard library sources, offline).")
 
 tokenizer_app = typer.Typer(help="Train tokenizers.", no_args_is_help=True)
