@@ -16,7 +16,8 @@ store and five random GPT-2s of the zoo's ``tiny`` shape (2 layers, d_model 128,
 (e) Ray: ``--backend ray`` with 1 and 2 local workers (one thread each) on ``--n-tokens``,
     against the local run of (b) (all threads); each Ray run includes starting its actors.
 (f) memory: peak RSS growth of a run in a fresh process (after the imports) against the
-    plan's peak (weights + batch buffers + accumulators), for one pass and for several.
+    plan's peak (weights, batch buffers, forward working memory, accumulators and the working
+    copies of summarising a block), for one pass and for several.
 (g) bf16: max |ρ_dtype - ρ_float64| over every neuron pair (and over each neuron's max ρ)
     when each fold's cross product is computed in bfloat16 (on CPU: bf16 output; as on CUDA:
     bf16 inputs with fp32 accumulation and output), on activations of two trained ``tiny``
@@ -194,8 +195,8 @@ base = rss()
 res = run_correlate(CorrelateConfig(**json.loads(sys.argv[1])), sys.argv[2])
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"growth": peak - base, "planned": res.plan.peak_bytes, "passes": len(res.plan.passes),
-                  "pass_max": max(res.plan.pass_bytes), "persistent": res.plan.persistent_bytes,
-                  "stream": res.plan.stream_bytes}))
+                  "pass_max": max(res.plan.pass_bytes), "work_max": max(res.plan.work_bytes),
+                  "persistent": res.plan.persistent_bytes, "stream": res.plan.stream_bytes}))
 """
 
 
@@ -308,7 +309,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--scale-tokens", type=int, default=16_384, help="(d): 1x of 1x/2x/4x (4x <= the store)")
     ap.add_argument("--train-steps", type=int, default=150, help="(g): steps of the two trained seeds; 0: none")
-    ap.add_argument("--skip", default="", help="comma-separated sections among c-g to skip, e.g. c,e")
+    ap.add_argument("--skip", default="", help="comma-separated sections among a-g to skip, e.g. c,e")
     args = ap.parse_args()
     skip = set(args.skip.split(","))
     set_quiet(True)
@@ -319,25 +320,27 @@ def main() -> None:
         models = [load_model(p) for p in paths]
         N = models[0].adapter.n_layers * models[0].adapter.d_mlp
         rows = []
-        for n, d in ((2048, N), (2048, 3072), (4096, 3072)):
+        for n, d in ((2048, N), (2048, 3072), (4096, 3072)) if "a" not in skip else ():
             r = bench_accumulate(n, d)
             rows.append((f"(a) accumulate n={n} d={d}", f"{r['ours_s'] * 1e3:.1f} ms",
                          f"plain fp32 GEMM {r['plain_s'] * 1e3:.1f} ms ({r['gflops_plain']:.0f} GFLOP/s)",
                          f"{r['ratio']:.2f}"))
-        fwd = forward_only(models, store, args.n_tokens, args.batch_size)
-        roof = gemm_roofline(models, store, args.n_tokens, args.batch_size)
-        t0, c0 = time.perf_counter(), time.process_time()
-        run_correlate(CorrelateConfig(models=paths, tokens=tokens, n_tokens=args.n_tokens,
-                                      batch_size=args.batch_size, checkpoint_tokens=10**12), tmp / "run")
-        ours, ours_cpu = time.perf_counter() - t0, time.process_time() - c0
-        anc = anchor(models, store, args.n_tokens, args.batch_size) if "c" not in skip else float("nan")
         tok = store.n_contexts_for(args.n_tokens) * store.ctx
-        rows.append(("(b) correlate run, 5 models", f"{ours:.2f} s ({tok / ours:,.0f} tok/s)",
-                     f"forward passes alone {fwd:.2f} s", f"{ours / fwd:.2f}x"))
-        rows.append(("(b) vs forward + needed GEMMs", f"{ours:.2f} s", f"roofline {roof:.2f} s",
-                     f"{ours / roof:.2f}x"))
-        rows.append(("(c) anchor algorithm, 4 pairs", f"{anc:.2f} s (no baseline, no ceiling)",
-                     f"ours {ours:.2f} s (with baseline + ceiling)", f"{anc / ours:.2f}x faster"))
+        ours = ours_cpu = float("nan")  # (e) compares with (b)
+        if "b" not in skip:
+            fwd = forward_only(models, store, args.n_tokens, args.batch_size)
+            roof = gemm_roofline(models, store, args.n_tokens, args.batch_size)
+            t0, c0 = time.perf_counter(), time.process_time()
+            run_correlate(CorrelateConfig(models=paths, tokens=tokens, n_tokens=args.n_tokens,
+                                          batch_size=args.batch_size, checkpoint_tokens=10**12), tmp / "run")
+            ours, ours_cpu = time.perf_counter() - t0, time.process_time() - c0
+            anc = anchor(models, store, args.n_tokens, args.batch_size) if "c" not in skip else float("nan")
+            rows.append(("(b) correlate run, 5 models", f"{ours:.2f} s ({tok / ours:,.0f} tok/s)",
+                         f"forward passes alone {fwd:.2f} s", f"{ours / fwd:.2f}x"))
+            rows.append(("(b) vs forward + needed GEMMs", f"{ours:.2f} s", f"roofline {roof:.2f} s",
+                         f"{ours / roof:.2f}x"))
+            rows.append(("(c) anchor algorithm, 4 pairs", f"{anc:.2f} s (no baseline, no ceiling)",
+                         f"ours {ours:.2f} s (with baseline + ceiling)", f"{anc / ours:.2f}x faster"))
         if "d" not in skip:
             ts = bench_scaling(paths, models, tokens, args.scale_tokens, args.batch_size, tmp)
             for k, (wall, cpu) in zip((1, 2, 4), ts, strict=True):
@@ -363,8 +366,8 @@ def main() -> None:
             base = dict(models=paths, tokens=tokens, n_tokens=args.scale_tokens, batch_size=args.batch_size,
                         checkpoint_tokens=10**12, accumulate_tokens=4096)
             one = bench_memory(base, tmp / "mem1")
-            # a third of one pass's co-moments: the plan needs several passes
-            small = one["persistent"] + one["stream"] + one["pass_max"] // 3
+            # half of what one pass's co-moments and working copies need: several passes
+            small = one["persistent"] + one["stream"] + (one["pass_max"] + one["work_max"]) // 2
             few = bench_memory({**base, "memory_budget": str(small)}, tmp / "mem2")
             for name, m in (("default budget", one), ("small budget", few)):
                 rows.append((f"(f) peak memory, {name}, {m['passes']} pass(es)", f"{m['growth'] / 1e6:,.0f} MB",

@@ -175,7 +175,7 @@ def test_passes_and_all_pairs_agree_with_one_pass(seed_models, tiny_store, tmp_p
     shapes = [ModelShape(2, 64, n_params)] * 3
     free = plan_for(_cfg(paths, tiny_store, pairs="all", memory_budget="1TB", accumulate_tokens=256),
                     shapes, 64)
-    small = parse_bytes("200KB") + free.persistent_bytes + free.stream_bytes
+    small = parse_bytes("200KB") + free.persistent_bytes + free.stream_bytes + max(free.work_bytes)
     many = run_correlate(_cfg(paths, tiny_store, pairs="all", memory_budget=str(small),
                               accumulate_tokens=256), tmp_path / "many")
     assert len(many.plan.passes) > 1

@@ -174,7 +174,7 @@ def test_ray_equals_local_over_several_passes_and_retries(cluster, seeds, tiny_s
     n_params = sum(p.numel() for p in load_model(seeds[0]).model.parameters())
     free = plan_for(_cfg(seeds, tiny_store, pairs="all", memory_budget="1TB"),
                     [ModelShape(2, 64, n_params)] * 3, 64)
-    budget = str(200_000 + free.persistent_bytes + free.stream_bytes)
+    budget = str(200_000 + free.persistent_bytes + free.stream_bytes + max(free.work_bytes))
     run_correlate(_cfg(seeds, tiny_store, pairs="all"), tmp_path / "local")
     res = run_correlate(_cfg(seeds, tiny_store, pairs="all", backend="ray", workers=2,
                              memory_budget=budget), tmp_path / "ray")

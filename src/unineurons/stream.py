@@ -86,13 +86,23 @@ def _run_one(m: LoadedModel, tokens: torch.Tensor, keep: torch.Tensor, pre_activ
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     ad = m.adapter
     with ad.capture(pre_activation=pre_activation) as store:
-        m.model(input_ids=tokens, use_cache=False)
-    acts = torch.stack([store[layer] for layer in range(ad.n_layers)], dim=2)  # [B, T, L, d_mlp]
-    acts = acts[keep].reshape(-1, ad.n_layers * ad.d_mlp)  # [n, L*d_mlp]
-    pre = None
-    if pre_activation:
-        pre = torch.stack([store[-1 - layer] for layer in range(ad.n_layers)], dim=2)
-        pre = pre[keep].reshape(-1, ad.n_layers * ad.d_mlp)
+        # the base model (GPT2Model, GPTNeoXModel, LlamaModel) holds every MLP the hooks sit on;
+        # skipping the LM head saves its [B, T, vocab] logits (the largest tensor of a forward
+        # pass) and the unembedding's FLOPs without changing any activation
+        m.model.base_model(input_ids=tokens, use_cache=False)
+    d = ad.d_mlp
+
+    def gather(keys: list[int]) -> torch.Tensor:  # [n, len(keys) * d_mlp], block i from keys[i]
+        # pop each layer as it is copied: the full-batch capture and the kept rows coexist
+        # once (stacking every layer and then masking held three copies at once)
+        out = torch.empty(int(keep.sum()), len(keys) * d, dtype=store[keys[0]].dtype,
+                          device=store[keys[0]].device)
+        for i, k in enumerate(keys):
+            out[:, i * d:(i + 1) * d] = store.pop(k)[keep]  # [B, T, d_mlp] -> [n, d_mlp]
+        return out
+
+    acts = gather(list(range(ad.n_layers)))  # [n, L*d_mlp], column layer * d_mlp + neuron
+    pre = gather([-1 - layer for layer in range(ad.n_layers)]) if pre_activation else None
     if not torch.isfinite(acts).all():
         raise UnineuronsError(
             f"model {m.name}: non-finite (NaN/inf) activations in this batch of contexts; "

@@ -60,10 +60,12 @@ def _config_hash(cfg: CorrelateConfig, models: list[LoadedModel], store: TokenSt
 
 
 def _stream(cfg: CorrelateConfig, shapes: list[ModelShape], ctx: int, accumulate: int) -> int:
+    """:func:`~unineurons.correlate.plan.stream_bytes` of this run. Weights are float32 whatever
+    ``--dtype`` says (``load_model``'s default; ``--dtype`` is the co-moment GEMMs' dtype); the
+    baseline's rotations stay in host memory, which is the budget's memory on CPU only."""
     cbytes = batch_matmul_dtype(cfg.dtype).itemsize
-    wbytes = 2 if cfg.dtype == "bfloat16" and cfg.device.startswith("cuda") else 4
-    # rows buffered at once: a fold plus one forward batch
-    return stream_bytes(shapes, accumulate + cfg.batch_size * ctx, cbytes, wbytes)
+    return stream_bytes(shapes, accumulate, cfg.batch_size, ctx, cbytes,
+                        rotations=not cfg.device.startswith("cuda"))
 
 
 def accumulate_tokens(cfg: CorrelateConfig, shapes: list[ModelShape], ctx: int) -> int:
@@ -188,7 +190,9 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     check_compatible(models, store_tokenizer_fp=special.get("vocab_sha256"),
                      store_vocab_size=special.get("vocab_size"))
     shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp,
-                         sum(p.numel() for p in m.model.parameters())) for m in models]
+                         sum(p.numel() for p in m.model.parameters()), d_model=m.adapter.d_model,
+                         n_heads=int(m.model.config.num_attention_heads),
+                         vocab_size=m.adapter.vocab_size) for m in models]
     accumulate = accumulate_tokens(cfg, shapes, store.ctx)
     chash = _config_hash(cfg, models, store, accumulate)
     plan = plan_for(cfg, shapes, store.ctx)

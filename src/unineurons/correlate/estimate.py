@@ -20,7 +20,8 @@ __all__ = ["shape_from_config", "measure_matmul_rate", "estimate", "Estimate"]
 
 
 def shape_from_config(spec: str) -> ModelShape:
-    """Layers, MLP width and parameter count of a model spec, from its config only."""
+    """The :class:`ModelShape` of a model spec (layers, MLP width, parameter count, residual
+    width, heads, vocabulary), from its config only."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..models.adapters import ARCHITECTURES
@@ -42,7 +43,10 @@ def shape_from_config(spec: str) -> ModelShape:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    return ModelShape(int(n_layers), int(d_mlp), int(n_params))
+    # hidden_size and num_attention_heads are every family's names (GPT-2's config maps
+    # them to n_embd and n_head)
+    return ModelShape(int(n_layers), int(d_mlp), int(n_params), d_model=int(cfg.hidden_size),
+                      n_heads=int(cfg.num_attention_heads), vocab_size=int(cfg.vocab_size))
 
 
 def measure_matmul_rate(n: int = 1024, seconds: float = 1.0) -> float:

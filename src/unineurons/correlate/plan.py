@@ -1,22 +1,61 @@
 """The memory planner: which co-moment blocks are accumulated in which pass over the tokens.
 
 A *unit* is one float64 co-moment block: rows = a range of whole layers of model a, columns =
-every neuron of model b. The planner splits pairs into layer ranges only when a whole pair
-does not fit, then packs units into passes (first fit, largest first). Every pass streams the
-same tokens; memory is the planned accumulators plus O(batch), never O(tokens).
+every neuron of model b. The planner splits pairs into layer ranges of one size for the whole
+plan (the size that needs the fewest passes, the largest such), and packs units into passes
+(first fit, largest first). Every pass streams the same tokens; memory is the planned
+accumulators plus O(batch), never O(tokens).
+
+What is counted (all of it measured, see ``benchmarks/correlate.py`` row (f)):
+
+- ``persistent``: every model's within-layer covariances, kept for the whole run;
+- ``stream`` (:func:`stream_bytes`): weights, batch buffers, one forward pass's working memory,
+  the fold's copies, and on a CPU run the rotation matrices of the baseline;
+- per pass, its co-moment blocks plus the *working copies* of summarising one block (correlation
+  matrix, rotated block, ... : :func:`work_bytes`), which bound the GEMM's output too.
+
+Counting the stream's memory through the summaries (when its buffers are already free) keeps
+the plan an upper bound whatever the allocator does with freed memory.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from ..errors import UnineuronsError
 
-__all__ = ["ModelShape", "Unit", "Plan", "plan_units", "stream_bytes", "parse_bytes", "fmt_bytes",
-           "flops_per_token"]
+__all__ = ["ModelShape", "Unit", "Plan", "plan_units", "stream_bytes", "forward_workspace",
+           "work_bytes", "parse_bytes", "fmt_bytes", "flops_per_token"]
 
 F64 = 8
+F32 = 4
+#: bytes per weight: ``models/load.py`` loads every model in float32, on every device
+WEIGHT_BYTES = 4
+
+# One forward pass of the base model (no LM head, see ``stream._run_one``) in inference mode
+# frees each block's intermediates before the next block: its working memory is one block's.
+# Measured (peak live tensor bytes of a forward, from the torch profiler; the same as peak RSS
+# with big allocations mmapped) for GPT-2, GPT-NeoX and Llama, float32 on CPU, transformers 5,
+# d_model 256-1024, d_mlp 256-4096, T 64-512: with SDPA attention a block holds at most
+# 10.0 x [B, T, d_model] where attention dominates and 4.3 x [B, T, d_mlp] where the MLP does
+# (GPT-2's gelu_new keeps four alive; NeoX 2.3, Llama 3.3); eager attention adds its
+# [B, heads, T, T] scores, at most 1.6 x their size. Attention and MLP intermediates never
+# coexist, so the sum of the rounded-up factors bounds both; the scores count even under SDPA,
+# which never forms them (a model's config may ask for eager attention).
+FWD_HIDDEN = 12  #: [B, T, d_model] float32 tensors alive at once within a block
+FWD_MLP = 4  #: [B, T, d_mlp] float32 tensors alive at once within a block
+FWD_SCORES = 2  #: [B, heads, T, T] float32 attention scores alive at once (eager attention)
+
+# Summarising one finished block of U bytes (``maxcorr.block_results``) holds float64 copies
+# of its size: the correlations, the rotated block, the baseline correlations and a NaN-filled
+# copy for the top-k (4); a block summarised in both directions also transposes the block and
+# rotates its rows while the first direction's copies are alive (6); a ceiling block needs 3.
+# Measured exactly (peak RSS / U = 3.99, 6.02, 2.99). The largest of these bounds the cross
+# product a fold adds into the block (at most 8 bytes per entry) as well.
+WORK_ROWS = 4
+WORK_BOTH = 6
+WORK_CEILING = 3
 
 
 def parse_bytes(text: str | int) -> int:
@@ -41,21 +80,64 @@ def fmt_bytes(n: float) -> str:
 
 @dataclass(frozen=True)
 class ModelShape:
+    """The sizes the planner needs. Fields past ``d_mlp`` are 0 when unknown; the forward
+    workspace then leaves out the terms that need them (the plan under-counts)."""
+
     n_layers: int
     d_mlp: int
     n_params: int = 0  #: parameter count (weights memory and forward FLOPs); 0 if unknown
+    d_model: int = 0  #: residual stream width
+    n_heads: int = 0  #: attention heads
+    vocab_size: int = 0  #: rows of the (un)embedding
 
     @property
     def n(self) -> int:
         return self.n_layers * self.d_mlp
 
 
-def stream_bytes(shapes: list[ModelShape], buffered_tokens: int, compute_bytes: int = 4,
-                 weight_bytes: int = 4) -> int:
-    """Memory that scales with the batch, not the tokens: per model its weights, the buffered
-    float32 activations ``[buffered, L*d]`` and their shifted copy in the compute dtype."""
-    return sum(buffered_tokens * s.n * (4 + compute_bytes) + s.n_params * weight_bytes
-               for s in shapes)
+def forward_workspace(s: ModelShape, batch_size: int, ctx: int) -> int:
+    """Upper bound of one forward pass's working memory over ``[batch_size, ctx]`` tokens,
+    beyond its weights and the captured activations: one block's float32 intermediates (see
+    ``FWD_*``)."""
+    bt = batch_size * ctx
+    return F32 * (bt * (FWD_HIDDEN * s.d_model + FWD_MLP * s.d_mlp)
+                  + FWD_SCORES * batch_size * s.n_heads * ctx * ctx)
+
+
+def stream_bytes(shapes: list[ModelShape], accumulate: int, batch_size: int, ctx: int,
+                 compute_bytes: int = 4, weight_bytes: int = WEIGHT_BYTES,
+                 rotations: bool = False) -> int:
+    """Memory that scales with the batch and the fold, not the tokens, plus the weights.
+
+    ``R = accumulate + batch_size * ctx`` rows per model are buffered at most (a fold starts
+    once ``accumulate`` kept rows are pending, so the batch that crosses it is in). The larger
+    of the two phases counts:
+
+    - forward pass of model j: every model's pending float32 rows ``R * N * 4``, plus j's
+      full-batch capture ``B * T * N_j * 4`` (copied into the kept rows layer by layer) and
+      j's :func:`forward_workspace`;
+    - fold: the larger of concatenating the pending batches (both copies, ``R * N * 8``) and
+      shifting them: rows and shifted copies ``R * N * (4 + compute_bytes)``, the last batch
+      again ``B * T * N * 4`` (the stream generator holds it while the fold runs), and one
+      float64 transient ``R * max N * 8`` (``sum(dtype=float64)`` copies its input; shifting
+      to float64 makes a copy).
+
+    ``rotations``: also count the baseline's per-layer rotations (float64 ``[d_mlp, d_mlp]``),
+    which the run keeps in host memory: true when the accumulators live there too (CPU).
+    """
+    if not shapes:
+        return 0
+    rows = accumulate + batch_size * ctx
+    bt = batch_size * ctx
+    pending = sum(rows * s.n * F32 for s in shapes)
+    forward = pending + max(bt * s.n * F32 + forward_workspace(s, batch_size, ctx) for s in shapes)
+    concat = sum(rows * s.n * 2 * F32 for s in shapes)
+    shift = (sum(rows * s.n * (F32 + compute_bytes) + bt * s.n * F32 for s in shapes)
+             + rows * max(s.n for s in shapes) * F64)
+    resident = sum(s.n_params * weight_bytes for s in shapes)
+    if rotations:
+        resident += sum(s.n_layers * s.d_mlp * s.d_mlp * F64 for s in shapes)
+    return resident + max(forward, concat, shift)
 
 
 @dataclass(frozen=True)
@@ -81,23 +163,34 @@ class Unit:
         return f"{self.kind}.{self.a}.{self.b}.{self.l0}.{self.l1}"
 
 
+def work_bytes(u: Unit, shapes: list[ModelShape]) -> int:
+    """Working copies of summarising block ``u`` (see ``WORK_*``); they also bound the cross
+    product a fold adds into it."""
+    factor = WORK_CEILING if u.kind == "ceiling" else WORK_BOTH if u.cols_dir else WORK_ROWS
+    return factor * u.nbytes(shapes)
+
+
 @dataclass(frozen=True)
 class Plan:
     passes: list[list[Unit]]
     pass_bytes: list[int]  #: co-moment bytes of each pass
     persistent_bytes: int  #: within-layer covariances kept for the whole run
-    stream_bytes: int  #: activation buffers for one batch
+    stream_bytes: int  #: weights, batch buffers, forward working memory (:func:`stream_bytes`)
     budget: int
+    work_bytes: list[int] = field(default_factory=list)  #: each pass's largest working copies
 
     @property
     def peak_bytes(self) -> int:
-        return self.persistent_bytes + self.stream_bytes + max(self.pass_bytes or [0])
+        """Upper bound of the run's memory: the pass that needs the most."""
+        work = self.work_bytes or [0] * len(self.pass_bytes)
+        return self.persistent_bytes + self.stream_bytes + max(
+            [b + w for b, w in zip(self.pass_bytes, work, strict=True)] or [0])
 
     def to_dict(self) -> dict:
         return {"passes": [[asdict(u) for u in p] for p in self.passes],
-                "pass_bytes": self.pass_bytes, "persistent_bytes": self.persistent_bytes,
-                "stream_bytes": self.stream_bytes, "budget_bytes": self.budget,
-                "peak_bytes": self.peak_bytes}
+                "pass_bytes": self.pass_bytes, "work_bytes": self.work_bytes,
+                "persistent_bytes": self.persistent_bytes, "stream_bytes": self.stream_bytes,
+                "budget_bytes": self.budget, "peak_bytes": self.peak_bytes}
 
 
 def pair_list(n_models: int, mode: str) -> list[tuple[int, int, bool]]:
@@ -113,50 +206,79 @@ def pair_list(n_models: int, mode: str) -> list[tuple[int, int, bool]]:
     raise UnineuronsError(f"--pairs must be reference or all, not {mode!r}")
 
 
+def _pack(units: list[Unit], shapes: list[ModelShape], avail: int
+          ) -> tuple[list[list[Unit]], list[int], list[int]]:
+    """First fit decreasing: a pass holds units while its co-moments plus its largest
+    working copies fit ``avail``. Returns (passes, co-moment bytes, working bytes)."""
+    passes: list[list[Unit]] = []
+    loads: list[int] = []
+    works: list[int] = []
+    for u in sorted(units, key=lambda u: (-u.nbytes(shapes), -work_bytes(u, shapes))):
+        nb, w = u.nbytes(shapes), work_bytes(u, shapes)
+        for i in range(len(passes)):
+            if loads[i] + nb + max(works[i], w) <= avail:
+                passes[i].append(u)
+                loads[i] += nb
+                works[i] = max(works[i], w)
+                break
+        else:
+            passes.append([u])
+            loads.append(nb)
+            works.append(w)
+    return passes, loads, works
+
+
 def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
                ceiling: bool = True) -> Plan:
     """Split and pack the needed blocks into passes that fit ``budget`` bytes, given the
-    batch-scaled memory ``stream`` (see :func:`stream_bytes`)."""
+    batch-scaled memory ``stream`` (see :func:`stream_bytes`).
+
+    Blocks are split into units of the same number of layers ``k`` of their row model (the
+    last unit of a model may be shorter). Smaller units need smaller working copies, so more
+    co-moments fit a pass; the plan takes the ``k`` with the fewest passes, and of those the
+    largest (fewer, larger GEMMs).
+    """
     persistent = sum(s.n_layers * s.d_mlp * s.d_mlp * F64 + 4 * s.n * F64 for s in shapes)
     avail = budget - persistent - stream
     need = [(a, b, cd, "pair") for a, b, cd in pair_list(len(shapes), mode)]
     if ceiling:
         sides = [0] if mode == "reference" else list(range(len(shapes)))
         need += [(a, a, False, "ceiling") for a in sides]
-    units: list[Unit] = []
     for a, b, cd, kind in need:
-        sa, sb = shapes[a], shapes[b]
-        layer_bytes = sa.d_mlp * sb.n * F64
-        if layer_bytes > avail:
+        one = Unit(a, b, 0, 1, kind, True, cd)
+        if one.nbytes(shapes) + work_bytes(one, shapes) > avail:
             raise UnineuronsError(
                 f"memory budget {fmt_bytes(budget)} is too small: one layer of model {a} against "
-                f"model {b} needs {fmt_bytes(layer_bytes)} on top of {fmt_bytes(persistent)} of "
-                f"within-layer covariances and {fmt_bytes(stream)} of weights and batch buffers; "
-                "raise --memory-budget, or lower --batch-size or --accumulate-tokens"
+                f"model {b} needs {fmt_bytes(one.nbytes(shapes))} and "
+                f"{fmt_bytes(work_bytes(one, shapes))} of working copies to summarise it, on top "
+                f"of {fmt_bytes(persistent)} of within-layer covariances and {fmt_bytes(stream)} of "
+                "weights, batch buffers and forward working memory; raise --memory-budget, or "
+                "lower --batch-size or --accumulate-tokens"
             )
-        per_unit = max(1, min(sa.n_layers, avail // layer_bytes))
-        for l0 in range(0, sa.n_layers, per_unit):
-            units.append(Unit(a, b, l0, min(sa.n_layers, l0 + per_unit), kind, True, cd))
-    passes: list[list[Unit]] = []
-    loads: list[int] = []
-    for u in sorted(units, key=lambda u: -u.nbytes(shapes)):  # first fit decreasing
-        for i, load in enumerate(loads):
-            if load + u.nbytes(shapes) <= avail:
-                passes[i].append(u)
-                loads[i] += u.nbytes(shapes)
-                break
-        else:
-            passes.append([u])
-            loads.append(u.nbytes(shapes))
+    best: tuple[list[list[Unit]], list[int], list[int]] | None = None
+    for k in range(max((shapes[a].n_layers for a, _, _, _ in need), default=1), 0, -1):
+        units = [Unit(a, b, l0, min(shapes[a].n_layers, l0 + k), kind, True, cd)
+                 for a, b, cd, kind in need for l0 in range(0, shapes[a].n_layers, k)]
+        if any(u.nbytes(shapes) + work_bytes(u, shapes) > avail for u in units):
+            continue
+        packed = _pack(units, shapes, avail)
+        if best is None or len(packed[0]) < len(best[0]):  # ties keep the larger k
+            best = packed
+    passes, loads, works = best if best is not None else ([], [], [])
     for p in passes:  # a stable, readable order inside each pass
         p.sort(key=lambda u: (u.kind != "pair", u.a, u.b, u.l0))
     return Plan(passes=passes, pass_bytes=loads, persistent_bytes=persistent,
-                stream_bytes=stream, budget=budget)
+                stream_bytes=stream, budget=budget, work_bytes=works)
 
 
 def flops_per_token(shapes: list[ModelShape], plan: Plan) -> dict[str, float]:
-    """Multiply-add FLOPs per streamed token: forward passes, co-moment GEMMs, layer covariances."""
-    forward = sum(2.0 * s.n_params for s in shapes)
+    """Multiply-add FLOPs per streamed token: forward passes, co-moment GEMMs, layer covariances.
+
+    A forward pass costs 2 FLOPs per parameter, less the unembedding (``2 * d_model * vocab``)
+    where the shape knows both: the stream runs the base model without its LM head. (An untied
+    input embedding is a lookup, yet still counted: a small over-count.)
+    """
+    forward = sum(2.0 * (s.n_params - s.d_model * s.vocab_size) for s in shapes)
     blocks = sum(2.0 * u.nbytes(shapes) / F64 for p in plan.passes for u in p)
     layer = sum(2.0 * s.n_layers * s.d_mlp * s.d_mlp for s in shapes)
     # every pass streams the tokens again: forward passes repeat, blocks do not
