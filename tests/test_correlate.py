@@ -158,6 +158,55 @@ def test_correlations_match_direct_computation(seed_models, tiny_store, tmp_path
                                        "share_baseline_gt_0.7", "universal_share"}
 
 
+@pytest.mark.filterwarnings("ignore:All-NaN slice")
+def test_block_summaries_in_tiles_match_numpy():
+    """The tiled summaries (one row layer x one column layer at a time) against a direct numpy
+    computation of every correlation, rotated baseline and top-k, both directions, with a
+    constant neuron on each side."""
+    from unineurons.correlate.maxcorr import block_results
+    from unineurons.correlate.rotation import rotation_for
+
+    rng = np.random.default_rng(3)
+    la, lb, da, db, n, k = 2, 3, 6, 5, 400, 4
+    x = rng.standard_normal((n, la * da)) @ rng.standard_normal((la * da, la * da))
+    y = np.concatenate([x[:, :7], rng.standard_normal((n, lb * db - 7))], 1) + 0.1 * rng.standard_normal((n, lb * db))
+    x[:, 3] = 1.0  # zero variance: NaN correlations
+    y[:, 11] = -2.0
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    c = torch.from_numpy(xc.T @ yc)  # [R, Nb] summed co-moments
+    m2x, m2y = (xc**2).sum(0), (yc**2).sum(0)
+    cov_x = np.stack([xc[:, i * da:(i + 1) * da].T @ xc[:, i * da:(i + 1) * da] for i in range(la)])
+    cov_y = np.stack([yc[:, j * db:(j + 1) * db].T @ yc[:, j * db:(j + 1) * db] for j in range(lb)])
+    rot_a = [rotation_for(0, "a", i, da) for i in range(la)]
+    rot_b = [rotation_for(0, "b", j, db) for j in range(lb)]
+    res = block_results(c, torch.tensor(float(n)), torch.from_numpy(m2x), torch.from_numpy(m2y), k=k,
+                        col_cov=torch.from_numpy(cov_y), col_rot=rot_b, row_cov=torch.from_numpy(cov_x),
+                        row_rot=rot_a, rows_dir=True, cols_dir=True, want_rho=True, d_rows=da, d_cols=db)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.corrcoef(x.T, y.T)[:la * da, la * da:]
+        yr = np.concatenate([yc[:, j * db:(j + 1) * db] @ rot_b[j].double().numpy() for j in range(lb)], 1)
+        xr = np.concatenate([xc[:, i * da:(i + 1) * da] @ rot_a[i].double().numpy() for i in range(la)], 1)
+        base_rows = np.corrcoef(x.T, yr.T)[:la * da, la * da:]
+        base_cols = np.corrcoef(xr.T, y.T)[:la * da, la * da:]
+    top_rows = -np.sort(-np.nan_to_num(rho, nan=-np.inf), 1)[:, :k]
+    top_cols = -np.sort(-np.nan_to_num(rho, nan=-np.inf), 0)[:k].T
+    ok = np.isfinite(top_rows)
+    np.testing.assert_allclose(res["row_topv"].numpy()[ok], top_rows[ok], atol=1e-12)
+    assert np.isnan(res["row_topv"].numpy()[3]).all() and (res["row_topi"].numpy()[3] == -1).all()
+    np.testing.assert_allclose(np.take_along_axis(rho, res["row_topi"].numpy().clip(0), 1)[ok],
+                               top_rows[ok], atol=1e-12)  # the indices point at those values
+    ok = np.isfinite(top_cols)
+    np.testing.assert_allclose(res["col_topv"].numpy()[ok], top_cols[ok], atol=1e-12)
+    np.testing.assert_allclose(res["row_base"].numpy(), np.nanmax(base_rows, 1), atol=1e-12)
+    np.testing.assert_allclose(res["col_base"].numpy(), np.nanmax(base_cols, 0), atol=1e-12)
+    np.testing.assert_allclose(res["rho"].float().numpy(), rho, atol=1e-3)
+    # without a baseline the whole block is one tile: the same top-k
+    whole = block_results(c, torch.tensor(float(n)), torch.from_numpy(m2x), torch.from_numpy(m2y), k=k,
+                          rows_dir=True, cols_dir=True)
+    for key in ("row_topv", "col_topv"):
+        torch.testing.assert_close(whole[key], res[key], rtol=0, atol=1e-12, equal_nan=True)
+
+
 def test_identical_copy_is_its_own_best_match(seed_models, tiny_store, tmp_path):
     res = run_correlate(_cfg([seed_models[0], seed_models[3]], tiny_store), tmp_path / "run")
     m = pd.read_parquet(tmp_path / "run" / "matches.parquet")

@@ -82,8 +82,10 @@ class StreamBatch:
 
 
 @torch.inference_mode()
-def _run_one(m: LoadedModel, tokens: torch.Tensor, keep: torch.Tensor, pre_activation: bool
+def _run_one(m: LoadedModel, tokens: torch.Tensor, kept: torch.Tensor, pre_activation: bool
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Activations (and pre-activations) ``[n, L*d_mlp]`` at the flat positions ``kept [n]``
+    (``b * T + t``, ascending) of ``tokens [B, T]``."""
     ad = m.adapter
     with ad.capture(pre_activation=pre_activation) as store:
         # the base model (GPT2Model, GPTNeoXModel, LlamaModel) holds every MLP the hooks sit on;
@@ -94,11 +96,13 @@ def _run_one(m: LoadedModel, tokens: torch.Tensor, keep: torch.Tensor, pre_activ
 
     def gather(keys: list[int]) -> torch.Tensor:  # [n, len(keys) * d_mlp], block i from keys[i]
         # pop each layer as it is copied: the full-batch capture and the kept rows coexist
-        # once (stacking every layer and then masking held three copies at once)
-        out = torch.empty(int(keep.sum()), len(keys) * d, dtype=store[keys[0]].dtype,
-                          device=store[keys[0]].device)
+        # once (stacking every layer and then masking held three copies at once). The row
+        # count and indices come from the host, so on a GPU nothing waits for the device here
+        # (a boolean mask would: its result size is data-dependent)
+        first = store[keys[0]]
+        out = torch.empty(kept.shape[0], len(keys) * d, dtype=first.dtype, device=first.device)
         for i, k in enumerate(keys):
-            out[:, i * d:(i + 1) * d] = store.pop(k)[keep]  # [B, T, d_mlp] -> [n, d_mlp]
+            out[:, i * d:(i + 1) * d] = store.pop(k).reshape(-1, d).index_select(0, kept)
         return out
 
     acts = gather(list(range(ad.n_layers)))  # [n, L*d_mlp], column layer * d_mlp + neuron
@@ -145,14 +149,15 @@ def activation_stream(
         pos_grid = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
         prev = torch.cat([tokens[:, :1], tokens[:, :-1]], dim=1)
         dev_tokens = tokens.to(device)
-        dev_keep = keep.to(device)
-        acts, pres = [], []
-        for m in models:
-            a, p = _run_one(m, dev_tokens, dev_keep, pre_activation)
-            acts.append(a)
-            pres.append(p)
-        yield StreamBatch(
+        kept = keep.flatten().nonzero().squeeze(1).to(device)  # [n] flat positions
+        outs = [_run_one(m, dev_tokens, kept, pre_activation) for m in models]
+        acts, pres = [a for a, _ in outs], [p for _, p in outs]
+        out = [StreamBatch(
             start=b0, tokens=tokens, mask=keep, rows=rows_grid[keep], positions=pos_grid[keep],
             token_ids=tokens[keep], prev_token_ids=prev[keep], acts=acts,
             pre_acts=pres if pre_activation else None,
-        )
+        )]
+        # yield the batch without keeping a reference in this frame: a consumer that drops it
+        # (a fold) frees its activations at once, not when the next batch is made
+        del outs, acts, pres
+        yield out.pop()

@@ -41,6 +41,19 @@ def shifted(x: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.T
     return (x.to(work) - shift.to(work)).to(dtype)
 
 
+#: Rows summed at a time by :func:`sum64` (the planner counts their float64 copy).
+SUM_ROWS = 256
+
+
+def sum64(x: torch.Tensor) -> torch.Tensor:
+    """Column sums of ``x [n, d]`` in float64, ``SUM_ROWS`` rows at a time: ``sum(dtype=
+    float64)`` converts its whole input first, a float64 copy as large as a fold's rows."""
+    out = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for i in range(0, x.shape[0], SUM_ROWS):
+        out += x[i:i + SUM_ROWS].sum(0, dtype=torch.float64)
+    return out
+
+
 def _cross(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     """``xsᵀ ys`` ``[da, db]`` in float32 (float64 for float64 inputs)."""
     if xs.dtype == torch.bfloat16:
@@ -94,8 +107,8 @@ class CoMoments:
         nb = xs.shape[0]
         if nb == 0:
             return self
-        sum_x = xs.sum(0, dtype=torch.float64)  # [da]
-        sum_y = ys.sum(0, dtype=torch.float64)  # [db]
+        sum_x = sum64(xs)  # [da]
+        sum_y = sum64(ys)  # [db]
         mx = shift_x + sum_x / nb
         my = shift_y + sum_y / nb
         na = float(self.n)
@@ -182,7 +195,7 @@ class LayerCov:
         if nb == 0:
             return self
         L, d = self.n_layers, self.d
-        sums = xs.sum(0, dtype=torch.float64)  # [L*d]
+        sums = sum64(xs)  # [L*d]
         m = shift + sums / nb
         na = float(self.n)
         n = na + nb

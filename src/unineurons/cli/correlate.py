@@ -145,10 +145,11 @@ def register(app: typer.Typer) -> None:
             t.add_row(f"model {i}: {spec}", f"{sh.n_layers} x {sh.d_mlp} = {sh.n:,} neurons, "
                       f"{sh.n_params / 1e6:,.0f}M params")
         t.add_row("co-moment blocks", f"{sum(len(x) for x in p.passes)} in {len(p.passes)} pass(es)")
-        for i, b in enumerate(p.pass_bytes):
+        for i, (b, w) in enumerate(zip(p.pass_bytes, p.work_bytes or [0] * len(p.pass_bytes), strict=True)):
             t.add_row(f"  pass {i + 1} accumulators", fmt_bytes(b))
+            t.add_row(f"  pass {i + 1} temporaries of one block", fmt_bytes(w))
         t.add_row("within-layer covariances (kept)", fmt_bytes(p.persistent_bytes))
-        t.add_row("weights + batch buffers", fmt_bytes(p.stream_bytes))
+        t.add_row("weights, batch buffers, forward pass", fmt_bytes(p.stream_bytes))
         t.add_row("peak memory", f"{fmt_bytes(p.peak_bytes)} of {fmt_bytes(p.budget)}")
         f = est.flops
         t.add_row("FLOPs per token", f"{f['total'] / 1e9:,.2f} G (forward {f['forward'] / 1e9:,.2f}, "

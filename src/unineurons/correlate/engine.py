@@ -27,7 +27,7 @@ from ..rundir import RunDir
 from ..stream import MaskConfig, activation_stream
 from ..tokens import TokenStore
 from .config import CorrelateConfig
-from .maxcorr import block_results, inv_std, row_max
+from .maxcorr import block_results
 from .plan import ModelShape, Plan, Unit, plan_units, stream_bytes
 from .rotation import rotation_for
 from .summarize import finalize
@@ -153,16 +153,15 @@ def _unit_results(u: Unit, co: CoMoments, layercov: list[LayerCov], rots: list[l
     n = co.n
     m2_rows = layercov[u.a].m2()[rows]
     cov_b = layercov[u.b].c
+    tiles = {"d_rows": da, "d_cols": shapes[u.b].d_mlp}
     if u.kind == "ceiling":
         # max correlation of each neuron with its own model's activations rotated per layer
-        from .maxcorr import rotated_block
-
-        cr, m2r = rotated_block(co.c, cov_b, rots[u.b])
-        base = cr * inv_std(m2_rows, n)[:, None] * inv_std(m2r, n)[None, :]
-        return {"ceiling": row_max(base, 1, dim=1)[0][:, 0]}
+        res = block_results(co.c, n, m2_rows, layercov[u.b].m2(), k=1, col_cov=cov_b,
+                            col_rot=rots[u.b], **tiles)
+        return {"ceiling": res["row_base"]}
     rotate = cfg.baseline == "rotation"
     res = block_results(
-        co.c, n, m2_rows, layercov[u.b].m2(), k=cfg.top_k,
+        co.c, n, m2_rows, layercov[u.b].m2(), k=cfg.top_k, **tiles,
         col_cov=cov_b if rotate else None, col_rot=rots[u.b] if rotate else None,
         row_cov=layercov[u.a].c[u.l0:u.l1] if rotate else None,
         row_rot=rots[u.a][u.l0:u.l1] if rotate else None,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["inv_std", "row_max", "rotated_block", "block_results", "combine_topk", "ZERO_VAR"]
+__all__ = ["inv_std", "row_max", "block_results", "combine_topk", "ZERO_VAR"]
 
 #: A neuron whose variance is at most this (in activation units²) counts as constant.
 ZERO_VAR = 1e-20
@@ -39,22 +39,13 @@ def row_max(rho: torch.Tensor, k: int = 1, dim: int = 1) -> tuple[torch.Tensor, 
     return _nanmax(rho, k, dim)
 
 
-def rotated_block(c_block: torch.Tensor, cov_layers: torch.Tensor, rotations: list[torch.Tensor]
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate the column side of ``c_block [R, L*d]`` per layer.
-
-    Returns ``(C R [R, L*d], m2 of the rotated columns [L*d])`` where for layer l the
-    rotated variance is ``diag(R_lᵀ Σ_l R_l)``.
-    """
-    n_layers, d, _ = cov_layers.shape
-    cr = torch.empty_like(c_block)
-    m2r = torch.empty(n_layers * d, dtype=torch.float64, device=c_block.device)
-    for layer in range(n_layers):
-        r = rotations[layer].to(c_block.device)
-        sl = slice(layer * d, (layer + 1) * d)
-        cr[:, sl] = c_block[:, sl] @ r
-        m2r[sl] = ((cov_layers[layer] @ r) * r).sum(0)
-    return cr, m2r
+def _rotated_m2(cov_layers: torch.Tensor, rotations: list[torch.Tensor]) -> torch.Tensor:
+    """``[L*d]``: the variances of the rotated units, ``diag(R_lᵀ Σ_l R_l)`` per layer."""
+    out = []
+    for layer in range(cov_layers.shape[0]):
+        r = rotations[layer].to(cov_layers.device)
+        out.append(((cov_layers[layer] @ r) * r).sum(0))
+    return torch.cat(out)
 
 
 def block_results(
@@ -62,6 +53,7 @@ def block_results(
     *, k: int = 5, col_cov: torch.Tensor | None = None, col_rot: list[torch.Tensor] | None = None,
     row_cov: torch.Tensor | None = None, row_rot: list[torch.Tensor] | None = None,
     rows_dir: bool = True, cols_dir: bool = False, want_rho: bool = False,
+    d_rows: int | None = None, d_cols: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Correlation summaries for a block of rows (whole layers of model a) x all of model b.
 
@@ -69,28 +61,70 @@ def block_results(
     ``col_rot`` using ``col_cov``). ``cols_dir``: for each column, top-k rows of this block and
     the baseline max with the *rows* rotated (``row_rot``, ``row_cov`` of this block's layers);
     these are partial and combine across blocks with :func:`combine_topk`.
+
+    The block is summarised in tiles of one row layer (``d_rows`` rows) by one column layer
+    (``d_cols`` columns; by default a layer with a baseline, else the whole block): rotations
+    act within a layer, so a
+    tile holds everything its baseline needs, and the working copies are a few tiles, not a
+    few blocks (``plan.WORK_TILE``). Tiles combine exactly: top-k by :func:`combine_topk`,
+    maxima by ``fmax``.
     """
+    R, Nb = c_block.shape
+    # a rotation mixes the units of one layer: with a baseline, a tile is at most one layer
+    dr = d_rows or (row_cov.shape[-1] if row_cov is not None else R)
+    dc = d_cols or (col_cov.shape[-1] if col_cov is not None else Nb)
+    dev = c_block.device
     inv_r = inv_std(m2_rows, n)  # [R]
     inv_c = inv_std(m2_cols, n)  # [Nb]
-    rho = c_block * inv_r[:, None] * inv_c[None, :]  # [R, Nb]
+    rows_base = rows_dir and col_rot is not None
+    cols_base = cols_dir and row_rot is not None
+    inv_cr = inv_std(_rotated_m2(col_cov, col_rot), n) if rows_base else None  # [Nb]
+    inv_rr = inv_std(_rotated_m2(row_cov, row_rot), n) if cols_base else None  # [R]
+    nan = float("nan")
+    row_base = torch.full((R,), nan, dtype=torch.float64, device=dev)
+    col_base = torch.full((Nb,), nan, dtype=torch.float64, device=dev)
+    row_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(0, R, dr)]
+    col_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(0, Nb, dc)]
+    rho_out = torch.empty(R, Nb, dtype=torch.float16, device=dev) if want_rho else None
+    for ti, r0 in enumerate(range(0, R, dr)):
+        rs = slice(r0, r0 + dr)
+        for tj, c0 in enumerate(range(0, Nb, dc)):
+            cs = slice(c0, c0 + dc)
+            tile = c_block[rs, cs]  # [dr, dc], a view
+            rho = tile * inv_r[rs, None] * inv_c[None, cs]  # [dr, dc]
+            if rho_out is not None:
+                rho_out[rs, cs] = rho.to(torch.float16)
+            if rows_dir:
+                v, i = row_max(rho, k, dim=1)  # [dr, k]
+                row_parts[ti].append((v, torch.where(i >= 0, i + c0, i)))
+            if cols_dir:
+                v, i = row_max(rho, k, dim=0)  # [k, dc]
+                col_parts[tj].append((v.T, torch.where(i >= 0, i + r0, i).T))
+            del rho
+            if rows_base:
+                base = (tile @ col_rot[tj].to(dev)) * inv_r[rs, None] * inv_cr[None, cs]
+                row_base[rs] = torch.fmax(row_base[rs], row_max(base, 1, dim=1)[0][:, 0])
+                del base
+            if cols_base:
+                # Cov(X_l R_l, Y) = R_lᵀ C_l: rotate the tile's rows (its transpose's columns)
+                base = (tile.T @ row_rot[ti].to(dev)) * inv_c[cs, None] * inv_rr[None, rs]  # [dc, dr]
+                col_base[cs] = torch.fmax(col_base[cs], row_max(base, 1, dim=1)[0][:, 0])
+                del base
     out: dict[str, torch.Tensor] = {}
     if rows_dir:
-        v, i = row_max(rho, k, dim=1)
-        out["row_topv"], out["row_topi"] = v, i
-        if col_rot is not None:
-            cr, m2r = rotated_block(c_block, col_cov, col_rot)
-            base = cr * inv_r[:, None] * inv_std(m2r, n)[None, :]
-            out["row_base"] = row_max(base, 1, dim=1)[0][:, 0]
+        tops = [combine_topk([v for v, _ in p], [i for _, i in p], k) for p in row_parts]
+        out["row_topv"] = torch.cat([v for v, _ in tops])
+        out["row_topi"] = torch.cat([i for _, i in tops])
+        if rows_base:
+            out["row_base"] = row_base
     if cols_dir:
-        v, i = row_max(rho, k, dim=0)  # [k, Nb]
-        out["col_topv"], out["col_topi"] = v.T.contiguous(), i.T.contiguous()
-        if row_rot is not None:
-            # Cov(X_l R_l, Y) = R_lᵀ C_l: rotate the row side by transposing the block.
-            crt, m2r = rotated_block(c_block.T.contiguous(), row_cov, row_rot)
-            base = crt * inv_c[:, None] * inv_std(m2r, n)[None, :]  # [Nb, R]
-            out["col_base"] = row_max(base, 1, dim=1)[0][:, 0]
-    if want_rho:
-        out["rho"] = rho.to(torch.float16)
+        tops = [combine_topk([v for v, _ in p], [i for _, i in p], k) for p in col_parts]
+        out["col_topv"] = torch.cat([v for v, _ in tops]).contiguous()
+        out["col_topi"] = torch.cat([i for _, i in tops]).contiguous()
+        if cols_base:
+            out["col_base"] = col_base
+    if rho_out is not None:
+        out["rho"] = rho_out
     return out
 
 

@@ -11,8 +11,8 @@ What is counted (all of it measured, see ``benchmarks/correlate.py`` row (f)):
 - ``persistent``: every model's within-layer covariances, kept for the whole run;
 - ``stream`` (:func:`stream_bytes`): weights, batch buffers, one forward pass's working memory,
   the fold's copies, and on a CPU run the rotation matrices of the baseline;
-- per pass, its co-moment blocks plus the *working copies* of summarising one block (correlation
-  matrix, rotated block, ... : :func:`work_bytes`), which bound the GEMM's output too.
+- per pass, its co-moment blocks plus the temporaries of one block (:func:`work_bytes`): a
+  fold's cross product, or the working copies of summarising the block tile by tile.
 
 Counting the stream's memory through the summaries (when its buffers are already free) keeps
 the plan an upper bound whatever the allocator does with freed memory.
@@ -47,15 +47,14 @@ FWD_HIDDEN = 12  #: [B, T, d_model] float32 tensors alive at once within a block
 FWD_MLP = 4  #: [B, T, d_mlp] float32 tensors alive at once within a block
 FWD_SCORES = 2  #: [B, heads, T, T] float32 attention scores alive at once (eager attention)
 
-# Summarising one finished block of U bytes (``maxcorr.block_results``) holds float64 copies
-# of its size: the correlations, the rotated block, the baseline correlations and a NaN-filled
-# copy for the top-k (4); a block summarised in both directions also transposes the block and
-# rotates its rows while the first direction's copies are alive (6); a ceiling block needs 3.
-# Measured exactly (peak RSS / U = 3.99, 6.02, 2.99). The largest of these bounds the cross
-# product a fold adds into the block (at most 8 bytes per entry) as well.
-WORK_ROWS = 4
-WORK_BOTH = 6
-WORK_CEILING = 3
+# Summarising a finished block (``maxcorr.block_results``) works in tiles of one row layer by
+# one column layer; its float64 working copies (correlations, rotated tile, baseline
+# correlations, a NaN-filled copy for the top-k) stay below WORK_TILE tiles (measured 2.2 for
+# 2048 x 2048 tiles, one and both directions). A fold's cross product is one block-sized
+# temporary of at most 8 bytes per entry (float32: 4), added into the block in place.
+WORK_TILE = 3
+#: Rows of a fold's float64 column sums converted at once (``accumulators.comoments.sum64``).
+SUM_ROWS = 256
 
 
 def parse_bytes(text: str | int) -> int:
@@ -117,10 +116,11 @@ def stream_bytes(shapes: list[ModelShape], accumulate: int, batch_size: int, ctx
       full-batch capture ``B * T * N_j * 4`` (copied into the kept rows layer by layer) and
       j's :func:`forward_workspace`;
     - fold: the larger of concatenating the pending batches (both copies, ``R * N * 8``) and
-      shifting them: rows and shifted copies ``R * N * (4 + compute_bytes)``, the last batch
-      again ``B * T * N * 4`` (the stream generator holds it while the fold runs), and one
-      float64 transient ``R * max N * 8`` (``sum(dtype=float64)`` copies its input; shifting
-      to float64 makes a copy).
+      shifting them: rows and shifted copies ``R * N * (4 + compute_bytes)``, plus the
+      transient of shifting one model (a float32 difference before bfloat16, a float64 copy
+      before a float64 difference: ``R * max N * (4 | 0 | 8)``) and the float64 column sums'
+      ``SUM_ROWS`` rows (``accumulators.comoments.sum64``). The stream generator keeps no
+      batch of its own while a fold runs.
 
     ``rotations``: also count the baseline's per-layer rotations (float64 ``[d_mlp, d_mlp]``),
     which the run keeps in host memory: true when the accumulators live there too (CPU).
@@ -132,8 +132,10 @@ def stream_bytes(shapes: list[ModelShape], accumulate: int, batch_size: int, ctx
     pending = sum(rows * s.n * F32 for s in shapes)
     forward = pending + max(bt * s.n * F32 + forward_workspace(s, batch_size, ctx) for s in shapes)
     concat = sum(rows * s.n * 2 * F32 for s in shapes)
-    shift = (sum(rows * s.n * (F32 + compute_bytes) + bt * s.n * F32 for s in shapes)
-             + rows * max(s.n for s in shapes) * F64)
+    widest = max(s.n for s in shapes)
+    transient = {2: F32, 4: 0}.get(compute_bytes, F64)
+    shift = (sum(rows * s.n * (F32 + compute_bytes) for s in shapes)
+             + rows * widest * transient + SUM_ROWS * widest * F64)
     resident = sum(s.n_params * weight_bytes for s in shapes)
     if rotations:
         resident += sum(s.n_layers * s.d_mlp * s.d_mlp * F64 for s in shapes)
@@ -164,10 +166,10 @@ class Unit:
 
 
 def work_bytes(u: Unit, shapes: list[ModelShape]) -> int:
-    """Working copies of summarising block ``u`` (see ``WORK_*``); they also bound the cross
-    product a fold adds into it."""
-    factor = WORK_CEILING if u.kind == "ceiling" else WORK_BOTH if u.cols_dir else WORK_ROWS
-    return factor * u.nbytes(shapes)
+    """Temporaries of block ``u`` beyond the block itself: the larger of a fold's cross
+    product and the working copies of summarising it tile by tile (see ``WORK_TILE``)."""
+    tile = shapes[u.a].d_mlp * shapes[u.b].d_mlp * F64
+    return max(u.nbytes(shapes), WORK_TILE * tile)
 
 
 @dataclass(frozen=True)
