@@ -197,6 +197,8 @@ def test_block_summaries_in_tiles_match_numpy():
                                top_rows[ok], atol=1e-12)  # the indices point at those values
     ok = np.isfinite(top_cols)
     np.testing.assert_allclose(res["col_topv"].numpy()[ok], top_cols[ok], atol=1e-12)
+    np.testing.assert_allclose(np.take_along_axis(rho.T, res["col_topi"].numpy().clip(0), 1)[ok],
+                               top_cols[ok], atol=1e-12)  # row indices across row tiles
     np.testing.assert_allclose(res["row_base"].numpy(), np.nanmax(base_rows, 1), atol=1e-12)
     np.testing.assert_allclose(res["col_base"].numpy(), np.nanmax(base_cols, 0), atol=1e-12)
     np.testing.assert_allclose(res["rho"].float().numpy(), rho, atol=1e-3)
@@ -306,6 +308,13 @@ def test_resume_after_kill_matches_uninterrupted(seed_models, tiny_store, tmp_pa
     assert not (run / "neurons.parquet").exists()
     r = subprocess.run(args, capture_output=True, text=True)
     assert r.returncode == 1 and "--resume" in r.stderr  # refuses to silently restart
+    # another budget makes another pass plan (one-layer blocks): the checkpoint does not fit it
+    cfg = _cfg(paths, tiny_store, n_tokens=8192, batch_size=1, accumulate_tokens=64)
+    n_params = sum(p.numel() for p in load_model(paths[0]).model.parameters())
+    free = plan_for(cfg, [ModelShape(2, 64, n_params, d_model=32, n_heads=2, vocab_size=512)] * 2, 64)
+    budget = free.persistent_bytes + free.stream_bytes + 360_000
+    r = subprocess.run(args + ["--resume", "--memory-budget", str(budget)], capture_output=True, text=True)
+    assert r.returncode == 1 and "another pass plan" in r.stderr, r.stderr
     r = subprocess.run(args + ["--resume"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     resumed = pd.read_parquet(run / "neurons.parquet")

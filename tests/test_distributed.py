@@ -325,6 +325,8 @@ def test_analyze_resume_after_kill_equals_uninterrupted(monkeypatch, seeds, tiny
     ckpt = tmp_path / "killed" / "state" / "analyze" / "checkpoint.safetensors"
     with safe_open(str(ckpt), "pt") as f:
         assert '"cursor": 12' in f.metadata()["progress"]
+    with pytest.raises(UnineuronsError, match="unfinished analyze pass; add --resume"):
+        analyze_models(specs, tmp_path / "killed", cfg)  # never thrown away silently
     with pytest.raises(UnineuronsError, match="different configuration"):
         analyze_models(specs, tmp_path / "killed", _analyze_cfg(tokens=str(tiny_store), top_k=3),
                        resume=True)

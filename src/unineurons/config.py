@@ -50,6 +50,12 @@ class Backend(BaseModel):
     ))
     cpus_per_worker: int = Field(1, ge=1, description="CPU cores each Ray worker reserves (its torch threads).")
 
+    @property
+    def driver_device(self) -> str:
+        """Where this process keeps its models and merged states: on Ray the workers hold the
+        GPUs (one each), and the driver, which only loads, checks and merges, stays off them."""
+        return "cpu" if self.backend == "ray" else getattr(self, "device", "cpu")
+
     @model_validator(mode="after")
     def _ray_options(self):
         if self.backend != "ray":

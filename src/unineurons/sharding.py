@@ -161,6 +161,13 @@ class ShardWorker:
         self._key: str | None = None
         self.models: list[LoadedModel] = []
         self.store: TokenStore | None = None
+        self._memo: dict = {}
+
+    def memo(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, computed once per key while the job's files stay the same."""
+        if key not in self._memo:
+            self._memo[key] = make()
+        return self._memo[key]
 
     def load(self, job: dict) -> tuple[list[LoadedModel], TokenStore]:
         key = json.dumps({k: job[k] for k in ("locations", "weights", "tokens", "token_sha256",
@@ -170,6 +177,7 @@ class ShardWorker:
         set_quiet(True)
         torch.set_num_threads(self.threads)
         self._key, self.models, self.store = None, [], None  # drop the last job's models first
+        self._memo = {}
         node = socket.gethostname()
         models = []
         for loc, spec, sha in zip(job["locations"], job["specs"], job["weights"], strict=True):
@@ -302,7 +310,7 @@ Merge = Callable[[Any], None]
 def run_shards(opts: RayOptions, *, task: str, job: dict, extra: dict, tag: str, state_dir: Path,
                start: int, stop: int, ctx: int, merge: Merge,
                checkpoint: Callable[[int], None] | None, checkpoint_tokens: int, desc: str,
-               release: bool = True) -> dict:
+               release: bool = True, rerun: str = "rerun the same command with --resume") -> dict:
     """Stream contexts ``[start, stop)`` as shards of ``task`` on Ray workers.
 
     ``merge(file)`` receives each shard's open state file in context order; every
@@ -311,8 +319,8 @@ def run_shards(opts: RayOptions, *, task: str, job: dict, extra: dict, tag: str,
     until then a rerun reuses them). ``job``
     must hold ``config_hash`` (shard files of another hash are never merged) and
     :func:`model_job`'s keys. ``release``: end the workers afterwards (the last call of a
-    stage; idle actors would keep their CPUs and GPUs reserved). Returns statistics for the
-    manifest.
+    stage; idle actors would keep their CPUs and GPUs reserved). ``rerun``: how the user
+    continues after a failure. Returns statistics for the manifest.
     """
     ray = require_ray()
     _connect(ray, opts)
@@ -370,6 +378,8 @@ def run_shards(opts: RayOptions, *, task: str, job: dict, extra: dict, tag: str,
                     cause, text = _cause(e)
                     if isinstance(cause, UnineuronsError):  # wrong files on a node: no retry helps
                         raise UnineuronsError(str(cause)) from None
+                    if failure:  # stopping: the others' failures need no retry either
+                        continue
                     attempts[rng] = attempts.get(rng, 0) + 1
                     if attempts[rng] > MAX_RETRIES:
                         failure = f"contexts [{rng[0]}, {rng[1]}) failed {attempts[rng]} times ({text})"
@@ -399,7 +409,7 @@ def run_shards(opts: RayOptions, *, task: str, job: dict, extra: dict, tag: str,
     if failure:
         raise UnineuronsError(
             f"{desc} on Ray: {failure}; the finished shards are saved in {state_dir}: "
-            "fix the cause and rerun the same command with --resume"
+            f"fix the cause and {rerun}"
         )
     stats["seconds"] = round(time.time() - t0, 3)
     stats["worker_seconds"] = round(stats["worker_seconds"], 3)

@@ -299,7 +299,7 @@ def run_ablations(run: Any, cfg: AblateConfig) -> pd.DataFrame:
     contexts, special, tok_info = run_contexts(run, cfg.tokens, cfg.n_tokens)
     frames = []
     for e in entries:
-        m = load_run_model(e, cfg.device)
+        m = load_run_model(e, cfg.driver_device)
         frames.append(ablate_model(m, tables[e["spec"]], contexts, special, cfg, run=run,
                                    tokens_info=tok_info))
         del m

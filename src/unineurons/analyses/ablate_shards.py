@@ -83,7 +83,8 @@ def ray_evaluate_patches(run: RunDir, m: LoadedModel, tokens_info: dict,
     stats = run_shards(RayOptions.of(cfg), task=TASK, job=job, extra={}, tag="ablate",
                        state_dir=folder, start=0, stop=int(tokens_info["n_contexts"]),
                        ctx=int(tokens_info["ctx"]), merge=merge, checkpoint=None,
-                       checkpoint_tokens=0, desc=desc)
+                       checkpoint_tokens=0, desc=desc,
+                       rerun="rerun the same command (the finished shards are reused)")
     for f in folder.glob("*.safetensors"):  # the model's results are about to be written
         f.unlink()
     section = dict(run.manifest().get("ablate_ray", {}))

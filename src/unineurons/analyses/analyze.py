@@ -302,7 +302,7 @@ def analyze_run(run_path: str | Path, cfg: AnalyzeConfig, models: Sequence[str] 
     run = RunDir.open(run_path)
     entries = run_model_entries(run, models)
     contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
-    loaded = [load_run_model(e, cfg.device) for e in entries]
+    loaded = [load_run_model(e, cfg.driver_device) for e in entries]
     return analyze(run, loaded, contexts, special, info, cfg, resume=resume)
 
 
@@ -315,7 +315,7 @@ def analyze_models(specs: Sequence[str], out: str | Path, cfg: AnalyzeConfig, *,
         raise UnineuronsError("analyze needs a run directory or at least one --model")
     run = RunDir.create(out)
     contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
-    loaded = [load_model(s, device=cfg.device) for s in specs]
+    loaded = [load_model(s, device=cfg.driver_device) for s in specs]
     entries = [e for e in run.manifest().get("models") or [] if e["spec"] not in specs]
     entries += [{"spec": m.name, "location": m.spec.location, "revision": m.spec.revision,
                  "weights_sha256": m.weights_sha256, **m.info} for m in loaded]

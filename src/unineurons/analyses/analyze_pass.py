@@ -140,7 +140,7 @@ def accumulate(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray,
     """The pass over ``contexts``: from a checkpoint with ``resume``, locally or on Ray."""
     n_ctx, ctx = contexts.shape
     chash = analyze_hash(cfg, models, tokens_info, subsets, feats, mask)
-    st = AnalyzeState(models, feats, subsets, ctx, cfg.top_k, cfg.device)
+    st = AnalyzeState(models, feats, subsets, ctx, cfg.top_k, cfg.driver_device)
     folder = state_dir(run)
     ckpt = folder / CHECKPOINT
     cursor = 0
@@ -148,11 +148,15 @@ def accumulate(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray,
         saved, prog = load_checkpoint(
             ckpt, chash, "analyze checkpoint",
             f"run {run.path} holds an unfinished analyze pass of a different configuration "
-            "(models, tokens, neurons or options changed); rerun without --resume to start over")
+            f"(models, tokens, neurons or options changed); rerun the same command, or delete "
+            f"{folder} to start over")
         st.load(saved)
         cursor = int(prog["cursor"])
-    elif not resume:
-        clear_state(run)  # an earlier, unfinished pass: start over
+    elif not resume and (ckpt.is_file() or any(folder.glob("*.shard*.safetensors"))):
+        # like correlate: an interrupted pass is never thrown away silently
+        raise UnineuronsError(
+                f"run {run.path} holds an unfinished analyze pass; add --resume to continue it, or "
+            f"delete {folder} to start over")
 
     def checkpoint(at: int) -> None:
         save_checkpoint(ckpt, st.state_dict(), {"config_hash": chash, "cursor": at})
@@ -194,6 +198,7 @@ def shard_job(cfg, feats: FamilyFeatures, subsets: Sequence[np.ndarray], mask: M
     d = cfg.model_dump(mode="json")
     for key in ("token_classes", "feature_modules"):
         d[key] = [str(Path(p).resolve()) for p in d[key]]
+    d["neurons"] = "all"  # the driver chose them: the subsets below (a FILE may not be there)
     return {"cfg": d, "unigram_ids": [int(i) for i in feats.unigram_ids],
             "classes": [f.name for f in feats.classes], "mask": vars(mask), "n_contexts": n_ctx,
             "subsets": [[int(i) for i in s] for s in subsets]}
@@ -213,7 +218,8 @@ def analyze_shard(worker, job: dict, c0: int, c1: int) -> tuple[dict[str, torch.
         raise UnineuronsError("a Ray worker sees other token features than the driver (another "
                               "unineurons version or feature module on that node)")
     special = store.manifest["tokenizer"]
-    vocab, _ = _vocabulary(special, models)
+    # decoding the vocabulary once per job, not per shard
+    vocab = worker.memo(("vocabulary", job["tokens"]), lambda: _vocabulary(special, models)[0])
     feats = FamilyFeatures(vocab=vocab, unigram_ids=np.asarray(job["unigram_ids"], dtype=np.int64),
                            classes=tuple(classes))
     subsets = [np.asarray(s, dtype=np.int64) for s in job["subsets"]]

@@ -70,7 +70,7 @@ def ray_pass(run: RunDir, cfg: CorrelateConfig, st: _PassState, models: list[Loa
     ckpt = run.state_dir / CHECKPOINT
     if not ckpt.is_file():  # so a killed run is refused without --resume, as a local one is
         save_checkpoint(ckpt, {}, {"config_hash": chash, "pass": p, "cursor": cursor,
-                                   "kept_tokens": kept})
+                                   "kept_tokens": kept, "plan": st.plan_key})
     total = {"kept": kept}
 
     def merge(fh) -> None:

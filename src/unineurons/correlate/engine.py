@@ -107,6 +107,7 @@ class _PassState:
         self.fresh_layercov = layercov is None
         self.layercov = layercov if layercov is not None else [
             LayerCov(s.n_layers, s.d_mlp, device, cdtype) for s in shapes]
+        self.plan_key = ""  #: the run's pass layout (``_plan_key``), saved with checkpoints
 
     def models_needed(self, n_models: int) -> list[int]:
         """Indices of the models this pass must run: those in its units, all while the layer
@@ -141,8 +142,14 @@ class _PassState:
                 {k: get(f"unit.{key}.{k}") for k in ("n", "mean_x", "mean_y", "c")}))
 
 
+def _plan_key(plan: Plan) -> str:
+    """The pass layout a checkpoint belongs to: resuming into another layout (a changed
+    --memory-budget or --batch-size) would load blocks that are not there."""
+    return hashlib.sha256(json.dumps([[u.key() for u in p] for p in plan.passes]).encode()).hexdigest()
+
+
 def _save_checkpoint(run: RunDir, st: _PassState, meta: dict) -> None:
-    save_checkpoint(run.state_dir / CHECKPOINT, st.state_dict(), meta)
+    save_checkpoint(run.state_dir / CHECKPOINT, st.state_dict(), {**meta, "plan": st.plan_key})
 
 
 def _unit_results(u: Unit, co: CoMoments, layercov: list[LayerCov], rots: list[list[torch.Tensor]],
@@ -185,7 +192,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     contexts = store.contexts(cfg.n_tokens)
     special = store.manifest["tokenizer"]
     if models is None:
-        models = [load_model(spec, device=cfg.device) for spec in cfg.models]
+        models = [load_model(spec, device=cfg.driver_device) for spec in cfg.models]
     check_compatible(models, store_tokenizer_fp=special.get("vocab_sha256"),
                      store_vocab_size=special.get("vocab_size"))
     shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp,
@@ -226,18 +233,24 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
             ckpt_path, chash, "correlate checkpoint",
             f"run directory {run.path} holds a checkpoint of a different configuration (models, "
             "tokens or options changed); resume with the same command, or choose a new --out")
+        if prog.get("plan", _plan_key(plan)) != _plan_key(plan):
+            raise UnineuronsError(
+                f"run directory {run.path} holds a checkpoint of another pass plan (--memory-budget, "
+                "--batch-size or --accumulate-tokens changed); resume with the options it was "
+                "started with, or choose a new --out")
         start_pass, cursor, kept = prog["pass"], prog["cursor"], prog["kept_tokens"]
 
     layercov: list[LayerCov] | None = None
     if start_pass > 0:
         lc_state, _ = load_tensors(run.state_dir / "layercov.safetensors", "layer covariances")
-        layercov = [LayerCov(s.n_layers, s.d_mlp, cfg.device, cdtype).load_state_dict(
+        layercov = [LayerCov(s.n_layers, s.d_mlp, cfg.driver_device, cdtype).load_state_dict(
             {k: lc_state[f"{i}.{k}"] for k in ("n", "mean", "c")}) for i, s in enumerate(shapes)]
 
     n_ctx = contexts.shape[0]
     for p in range(start_pass, len(plan.passes)):
         units = plan.passes[p]
-        st = _PassState(units, shapes, cfg.device, cdtype, layercov)
+        st = _PassState(units, shapes, cfg.driver_device, cdtype, layercov)
+        st.plan_key = _plan_key(plan)
         if saved and p == start_pass:
             st.load(saved)
         else:
@@ -272,7 +285,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
         save_tensors(run.state_dir / f"results.{p}.safetensors", results)
         # the pass is done: the next checkpoint starts the next pass from token 0
         save_checkpoint(ckpt_path, {}, {"config_hash": chash, "pass": p + 1, "cursor": 0,
-                                        "kept_tokens": kept})
+                                        "kept_tokens": kept, "plan": st.plan_key})
         saved = None
 
     all_results: dict[str, torch.Tensor] = {}
