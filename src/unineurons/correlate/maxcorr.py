@@ -86,10 +86,13 @@ def block_results(
     row_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(0, R, dr)]
     col_parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(0, Nb, dc)]
     rho_out = torch.empty(R, Nb, dtype=torch.float16, device=dev) if want_rho else None
-    for ti, r0 in enumerate(range(0, R, dr)):
-        rs = slice(r0, r0 + dr)
-        for tj, c0 in enumerate(range(0, Nb, dc)):
-            cs = slice(c0, c0 + dc)
+    # column layers outside: a block has many of them and few row layers, so each column
+    # rotation goes to the device once (a GPT-2 rotation is 75 MB)
+    for tj, c0 in enumerate(range(0, Nb, dc)):
+        cs = slice(c0, c0 + dc)
+        rot_c = col_rot[tj].to(dev) if rows_base else None
+        for ti, r0 in enumerate(range(0, R, dr)):
+            rs = slice(r0, r0 + dr)
             tile = c_block[rs, cs]  # [dr, dc], a view
             rho = tile * inv_r[rs, None] * inv_c[None, cs]  # [dr, dc]
             if rho_out is not None:
@@ -102,7 +105,7 @@ def block_results(
                 col_parts[tj].append((v.T, torch.where(i >= 0, i + r0, i).T))
             del rho
             if rows_base:
-                base = (tile @ col_rot[tj].to(dev)) * inv_r[rs, None] * inv_cr[None, cs]
+                base = (tile @ rot_c) * inv_r[rs, None] * inv_cr[None, cs]
                 row_base[rs] = torch.fmax(row_base[rs], row_max(base, 1, dim=1)[0][:, 0])
                 del base
             if cols_base:
