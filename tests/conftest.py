@@ -2,6 +2,8 @@
 
 - ``tiny_corpus``: a source string ``jsonl:PATH``, ~900 short documents of Python source.
 - ``tiny_tokenizer``: a byte-level BPE tokenizer folder, vocab 512, trained on it.
+- ``make_gpt2``: a function ``(path, seed, n_layer=2) -> path`` saving a random GPT-2 (width
+  32, 2 heads, MLP 64, vocab 512, ctx 64) with the tiny tokenizer.
 - ``tiny_store`` / ``tiny_heldout_store``: token store folders (ctx 64; 8192 train tokens =
   128 contexts, 2048 heldout tokens = 32 contexts), seed 0, heldout fraction 0.1.
 
@@ -85,3 +87,20 @@ def tiny_heldout_store(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> Path:
     build_token_store(tiny_corpus, str(tiny_tokenizer), TINY_CTX, 2048, out,
                       split="heldout")
     return out
+
+
+@pytest.fixture(scope="session")
+def make_gpt2(tiny_tokenizer):
+    """Save a seeded random 2-layer GPT-2 (d_mlp 64) with the tiny tokenizer at ``path``."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    def make(path: Path, seed: int, n_layer: int = 2) -> Path:
+        torch.manual_seed(seed)
+        cfg = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, n_inner=64, vocab_size=TINY_VOCAB,
+                         n_positions=TINY_CTX, activation_function="gelu_new")
+        GPT2LMHeadModel(cfg).save_pretrained(path, safe_serialization=True)
+        AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(path)
+        return path
+
+    return make

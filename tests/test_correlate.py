@@ -30,22 +30,11 @@ from unineurons.tokens import TokenStore
 N_TOK = 2048  # 32 contexts of 64
 
 
-def _make_gpt2(path: Path, seed: int, tokenizer_dir: Path, n_layer: int = 2) -> Path:
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, n_inner=64, vocab_size=512,
-                     n_positions=64, activation_function="gelu_new")
-    GPT2LMHeadModel(cfg).save_pretrained(path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="session")
-def seed_models(tmp_path_factory, tiny_tokenizer) -> list[Path]:
+def seed_models(tmp_path_factory, make_gpt2) -> list[Path]:
     """Three random 2-layer GPT-2 models (d_mlp 64) and a byte-identical copy of the first."""
     root = tmp_path_factory.mktemp("seeds")
-    paths = [_make_gpt2(root / f"s{i}", i, tiny_tokenizer) for i in range(3)]
+    paths = [make_gpt2(root / f"s{i}", i) for i in range(3)]
     shutil.copytree(paths[0], root / "s0_copy")
     return paths + [root / "s0_copy"]
 

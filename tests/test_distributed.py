@@ -35,22 +35,11 @@ from unineurons.tokens import TokenStore
 N_TOK = 2048  # 32 contexts of 64: 8 shards of 4 contexts with 2 workers
 
 
-def _make_gpt2(path: Path, seed: int, tokenizer_dir: Path) -> Path:
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=64, vocab_size=512, n_positions=64,
-                     activation_function="gelu_new")
-    GPT2LMHeadModel(cfg).save_pretrained(path, safe_serialization=True)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def seeds(tmp_path_factory, tiny_tokenizer) -> list[str]:
+def seeds(tmp_path_factory, make_gpt2) -> list[str]:
     """Three random 2-layer GPT-2s (d_mlp 64)."""
     root = tmp_path_factory.mktemp("dist_seeds")
-    return [str(_make_gpt2(root / f"s{i}", i, tiny_tokenizer)) for i in range(3)]
+    return [str(make_gpt2(root / f"s{i}", i)) for i in range(3)]
 
 
 def _cfg(models, store, **kw) -> CorrelateConfig:
@@ -359,13 +348,13 @@ def test_analyze_ray_equals_local_with_a_retry(cluster, seeds, tiny_store, tmp_p
 
 
 @pytest.mark.slow
-def test_dynamics_ray_equals_local(cluster, tiny_tokenizer, tiny_store, tmp_path):
+def test_dynamics_ray_equals_local(cluster, make_gpt2, tiny_store, tmp_path):
     """Every step's correlate stage and ablations on Ray workers give the local tables."""
     from unineurons.analyses.dynamics import DynamicsConfig, run_dynamics
 
     for i, name in enumerate(("a", "b")):
         for step in (1, 2):
-            _make_gpt2(tmp_path / f"{name}-{step}", 10 * i + step, tiny_tokenizer)
+            make_gpt2(tmp_path / f"{name}-{step}", 10 * i + step)
     base = dict(model_template=str(tmp_path / "{name}-{step}"), names=["a", "b"], steps=[1, 2],
                 tokens=str(tiny_store), n_tokens=N_TOK, universal="top:0.1", batch_size=2,
                 accumulate_tokens=128)

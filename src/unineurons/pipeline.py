@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .analyses.ablate import AblateConfig
 from .analyses.analyze import AnalyzeConfig
 from .analyses.dynamics import DynamicsConfig
-from .config import describe_error, without_backend
+from .config import Backend, describe_error, without_backend
 from .errors import UnineuronsError
 from .io import prepare_out_dir, read_json, write_json
 from .report.build import ReportConfig
@@ -162,7 +162,7 @@ class _Runner:
 
     def stage(self, name: str, section: Any, outputs: list[Path], fn: Callable[[], Any]) -> None:
         dump = section.model_dump() if hasattr(section, "model_dump") else section
-        if isinstance(section, (AnalyzeConfig, AblateConfig, DynamicsConfig)):
+        if isinstance(section, Backend):
             dump = without_backend(dump)  # a stage run on Ray is reused by a local rerun
         h = _hash([self.chain, name, dump])
         self.chain = h
