@@ -32,7 +32,8 @@ app = typer.Typer(
 def _register_all() -> None:
     import importlib
 
-    for mod in ("data", "zoo", "correlate", "analyze", "ablate", "dynamics", "report", "pipeline"):
+    for mod in ("data", "zoo", "correlate", "analyze", "ablate", "dynamics", "report", "pipeline",
+                "show", "export"):
         try:
             m = importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:
