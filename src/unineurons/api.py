@@ -53,7 +53,7 @@ def _config(cls: type[T], config: Any, options: dict[str, Any]) -> T:
     if config is None:
         return build(cls, **options)
     if not isinstance(config, cls):
-        raise UnineuronsError(f"config must be a {cls.__name__}, not {type(config).__name__}")
+        raise UnineuronsError(f"config must be of type {cls.__name__}, not {type(config).__name__}")
     if not options:
         return config
     return build(cls, **{**config.model_dump(), **options})

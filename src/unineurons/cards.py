@@ -74,8 +74,9 @@ else "universal (calibrated)" }}</span>{% endif %}{% endfor %}</div>
 </tr>{% endfor %}</table>{% endif %}
 </div>
 {% if d.contexts %}<div style="margin-top: 6px"><b>top contexts</b>
-{% for c in d.contexts %}<div style="font-family: monospace; white-space: pre-wrap; border-top: 1px solid #ddd">
-<span style="color: #777">{{ "%.3g"|format(c.value) }}</span> {{ c.before }}<mark style="background: #ffb74d">{{ c.token }}</mark>{{ c.after }}</div>{% endfor %}
+{% for c in d.contexts %}<div style="font-family: monospace; white-space: pre-wrap; border-top: 1px solid #ddd">{#
+#}<span style="color: #777">{{ "%.3g"|format(c.value) }}</span> {{ c.before }}{#
+#}<mark style="background: #ffb74d">{{ c.token }}</mark>{{ c.after }}</div>{% endfor %}
 </div>{% endif %}
 {% if d.missing %}<div style="color: #777">not in this run: {{ d.missing|join(", ") }}</div>{% endif %}
 </div>
