@@ -68,6 +68,22 @@ def _num(v: Any) -> float | None:
     return f if math.isfinite(f) else None
 
 
+def _figure_class() -> type:
+    """A matplotlib Figure that Jupyter shows as a PNG without pyplot (the inline backend
+    renders only figures pyplot made, until its formatter is configured)."""
+    import io
+
+    from matplotlib.figure import Figure
+
+    class NeuronFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=100)
+            return buf.getvalue()
+
+    return NeuronFigure
+
+
 class Neuron:
     """Neuron ``L{layer}.N{index}`` of one model of a run (see :meth:`Run.neuron`).
 
@@ -203,8 +219,9 @@ class Neuron:
         r = self.run
         d: dict[str, Any] = {"address": self.address, "model": self.model, "layer": self.layer,
                              "index": self.index, "missing": []}
-        d["universal"] = {k: self._get(k) for k in ("is_universal", "is_universal_calibrated")
-                          if k in self._row.index}
+        d["universal"] = {k: bool(self._get(k)) for k in ("is_universal",
+                                                          "is_universal_calibrated")
+                          if self._get(k) is not None}
         d["universality"] = [(label, _num(self._row[c])) for c, label in UNIVERSALITY_COLUMNS
                              if c in self._row.index and _num(self._row[c]) is not None]
         d["role"], d["family"] = self.role, self.family
@@ -214,6 +231,9 @@ class Neuron:
         d["matches"] = (self.matches.to_dict(orient="records") if r.has("matches") else [])
         if not r.has("matches"):
             d["missing"].append("matches (unineurons correlate)")
+        elif not d["matches"]:
+            d["missing"].append("matches (this model was not a correlate reference; "
+                                "--pairs all correlates every model)")
         if r.has("vocab"):
             d["promoted"] = [(_show(t), float(c)) for t, c in
                              self.promoted[["token", "cosine"]].head(n_tokens).itertuples(index=False)]
@@ -286,9 +306,7 @@ class Neuron:
         Returns:
             The matplotlib Figure (not shown or saved: Jupyter displays it).
         """
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(10, 3.4), layout="constrained")
+        fig = _figure_class()(figsize=(10, 3.4), layout="constrained")
         ax_v, ax_a = fig.subplots(1, 2)
         try:
             cos: np.ndarray | None = self.vocab_cosines(device)
