@@ -129,7 +129,7 @@ neuron.plot(n_tokens=2048)
 #
 # Zero-ablate the top-n neurons by excess correlation (`rank_all`: below the threshold too),
 # the least universal ones, and layer-matched random sets, and measure the increase of the
-# next-token loss (Nandan et al., sec. 4).
+# next-token loss (Nandan et al. 2025).
 
 # %%
 un.ablate(run, sizes=[1, 4, 16], rank_all=True, random_draws=2, n_tokens=1024,
@@ -149,7 +149,7 @@ plt.show()
 # ## 7. Universality during training
 #
 # The same correlation at every checkpoint of the zoo: the share of the top 5 % most universal
-# neurons at the last step that were already among the top 5 % earlier (Nandan et al., sec. 3).
+# neurons at the last step that were already among the top 5 % earlier (Nandan et al. 2025).
 
 # %%
 dyn = un.dynamics(WORK / "dynamics", zoo=zoo, tokens=WORK / "heldout", n_tokens=2048,

@@ -74,6 +74,49 @@ def test_every_public_function_documents_errors_and_paper():
         assert "Raises:" in doc and ("Returns:" in doc or name == "Zoo"), name
 
 
+def _same_default(cli, cfg) -> bool:
+    """A CLI option's default against its config field's ('a,b' against ['a', 'b'])."""
+    if isinstance(cli, str) and isinstance(cfg, (list, tuple)):
+        cli = cli.split(",")
+
+        def norm(x):
+            try:
+                return float(x)
+            except (TypeError, ValueError):
+                return str(x)
+
+        return [norm(x) for x in cli] == [norm(x) for x in cfg]
+    return cli == cfg
+
+
+def test_api_keywords_default_to_the_cli_defaults():
+    """The API's keywords are the config fields, whose defaults must be the command's."""
+    import typer
+
+    from unineurons.analyses.ablate import AblateConfig
+    from unineurons.analyses.analyze import AnalyzeConfig
+    from unineurons.analyses.dynamics import DynamicsConfig
+    from unineurons.analyses.interventions import InterveneConfig
+    from unineurons.cli import app
+    from unineurons.correlate.config import CorrelateConfig
+    from unineurons.report.build import ReportConfig
+
+    commands = typer.main.get_command(app).commands
+    flipped = {"keep_newline": "drop_newline"}  # --keep-newline sets drop_newline=False
+    checked = 0
+    for name, cls in (("correlate", CorrelateConfig), ("analyze", AnalyzeConfig),
+                      ("ablate", AblateConfig), ("intervene", InterveneConfig),
+                      ("dynamics", DynamicsConfig), ("report", ReportConfig)):
+        for p in commands[name].params:
+            field = cls.model_fields.get(flipped.get(p.name, p.name))
+            if field is None or field.is_required() or p.name == "ablate":
+                continue  # arguments and options that are not config fields
+            want = (not field.default) if p.name in flipped else field.default
+            assert _same_default(p.default, want), f"{name} --{p.name}: {p.default!r} != {want!r}"
+            checked += 1
+    assert checked > 60
+
+
 # ---- CLI and API write the same tables -----------------------------------------------------
 
 def test_cli_and_api_write_the_same_tables(shared, tmp_path, tiny_store):

@@ -180,7 +180,7 @@ def analyze(run: Run | PathLike | None = None, *, models: Sequence[PathLike] | N
 def ablate(run: Run | PathLike, *, config: Any = None, **options: Any) -> Run:
     """``unineurons ablate``: group ablations of universal vs non-universal vs layer-matched
     random neurons; loss increase, KL, entropy and efficiency (loss increase per ablated
-    neuron), per model and optionally per layer (Nandan et al. 2025, sec. 4, Fig. 4-5).
+    neuron), per model and optionally per layer (Nandan et al. 2025; per layer: their Fig. 5).
 
     Args:
         run: the run directory (or Run) with universality (``correlate``).
@@ -214,7 +214,7 @@ def intervene(run: Run | PathLike, neurons: str | Sequence[str] | None = None, *
               config: Any = None, **options: Any) -> Run:
     """``unineurons intervene``: fix single neurons at several activation values on every
     position; loss, entropy, true-token rank and the final norm's scale, against random
-    last-layer neurons given the same interventions (Gurnee et al. 2024, sec. 5.2-5.3).
+    last-layer neurons given the same interventions (Gurnee et al. 2024, sec. 5).
 
     Args:
         run: the run directory (or Run).
@@ -246,7 +246,7 @@ def dynamics(out: PathLike, *, config: Any = None, say: Callable[[str], None] | 
              **options: Any) -> Run:
     """``unineurons dynamics``: universal neurons at every checkpoint step of a seed family:
     emergence per layer, persistence P(t → t'), per-neuron trajectories and, with ``ablate``,
-    group ablations per step (Nandan et al. 2025, sec. 3, Fig. 1-3).
+    group ablations per step (Nandan et al. 2025: emergence Fig. 1, ablations Fig. 3-4).
 
     Args:
         out: the run directory to write (one sub run per step in ``out/steps/step{t}``).
@@ -255,7 +255,8 @@ def dynamics(out: PathLike, *, config: Any = None, say: Callable[[str], None] | 
         **options: DynamicsConfig fields: ``zoo`` (a zoo folder or :class:`Zoo`) or
             ``model_template`` + ``names``, ``seeds``, ``reference_seed``, ``steps``,
             ``tokens`` (required), ``n_tokens``, ``universal`` ("threshold" | "top:S"),
-            ``threshold``, ``ablate`` (an AblateConfig or dict of its fields), ...
+            ``threshold``, ``ablate`` (True: the CLI's ``--ablate`` with its defaults, sizes
+            1, 4, 16, 64, all and 3 draws; or an AblateConfig or a dict of its fields), ...
 
     Returns:
         The :class:`~unineurons.run.Run` of ``out`` (``run.emergence``, ``run.persistence``,
@@ -269,6 +270,14 @@ def dynamics(out: PathLike, *, config: Any = None, say: Callable[[str], None] | 
 
     if isinstance(options.get("zoo"), Zoo):
         options["zoo"] = options["zoo"].path
+    if options.get("ablate") is True:  # the CLI's --ablate and its --ablate-* defaults
+        from .analyses.ablate import AblateConfig
+
+        options["ablate"] = AblateConfig(sizes=[1, 4, 16, 64, "all"], random_draws=3,
+                                         batch_size=options.get("batch_size", 8),
+                                         device=options.get("device", "cpu"))
+    elif options.get("ablate") is False:
+        options["ablate"] = None
     cfg = _config(DynamicsConfig, config, options)
     res = run_dynamics(cfg, out, say=say)
     return Run(out, result=res)

@@ -257,7 +257,7 @@ class Neuron:
         """The neuron's activation (input of the MLP output projection) on the kept positions
         of the run's token store (BOS / EOS / pad / newline dropped as the run's correlate
         stage did): ``float32 [n_kept]``, over the first ``ceil(n_tokens / ctx)`` contexts
-        (None: the run's token count).
+        (at most the whole store; None: the run's token count).
 
         Raises:
             UnineuronsError: the model or the token store does not load, or changed since the
@@ -267,8 +267,13 @@ class Neuron:
 
         from .analyses.interventions import run_contexts
         from .stream import MaskConfig, token_mask
+        from .tokens import TokenStore
 
         m = self.run.loaded_model(self.model, device)
+        info = self.run.manifest.get("tokens") or {}
+        if n_tokens is not None and info.get("path"):  # at most the whole store
+            store = TokenStore.open(info["path"], verify=False)
+            n_tokens = min(n_tokens, store.n_contexts * store.ctx)
         contexts, special, _ = run_contexts(self.run._rd, None, n_tokens)
         c = (self.run.manifest.get("correlate") or {}).get("config") or {}
         mask_cfg = MaskConfig(**{k: bool(c[k]) for k in ("drop_bos", "drop_eos", "drop_pad",
@@ -298,7 +303,7 @@ class Neuron:
 
     def plot(self, n_tokens: int | None = 16_384, device: str = "cpu") -> Figure:
         """Two panels: the histogram of the neuron's cosine with every token's unembedding
-        (its vocabulary effect, Gurnee et al. sec. 5, Fig. 6) with the most promoted and
+        (its vocabulary effect, Gurnee et al. sec. 5) with the most promoted and
         suppressed tokens named, and the distribution of its activation over the run's tokens.
         Both come from the model; when it does not load, the vocabulary panel shows the
         extremes of ``vocab.parquet`` and the activation panel says why it is empty.
@@ -312,7 +317,7 @@ class Neuron:
             cos: np.ndarray | None = self.vocab_cosines(device)
             acts: np.ndarray | str = self.activations(n_tokens, device)
         except (UnineuronsError, OSError) as e:
-            cos, acts = None, f"model not loaded:\n{e}"
+            cos, acts = None, f"not drawn: {e}"
         self._plot_vocab(ax_v, cos)
         if isinstance(acts, str) or acts.size == 0:
             msg = acts if isinstance(acts, str) else "no kept positions"
