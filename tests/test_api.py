@@ -158,6 +158,15 @@ def test_config_object_with_overrides_equals_keywords(shared, tmp_path, tiny_sto
     assert not (tmp_path / "c").exists()
     with pytest.raises(UnineuronsError, match="out"):
         un.correlate(models=models, tokens=tiny_store)
+    with pytest.raises(UnineuronsError, match="needs a run directory"):
+        un.analyze()
+    with pytest.raises(UnineuronsError, match="drop out="):
+        un.analyze(a, out=tmp_path / "d")
+    with pytest.raises(UnineuronsError, match="needs out="):
+        un.analyze(models=models[0], tokens=tiny_store)
+    with pytest.raises(UnineuronsError, match="top-k|top_k"):
+        un.analyze(a, top_k=0)
+    assert un.open_run(a).path == a.path
 
 
 def test_plan_equals_the_estimate_the_cli_builds(shared):

@@ -68,7 +68,7 @@ def _listed(v: Any) -> Any:
     return [_plain(v)] if isinstance(v, (str, os.PathLike)) else v
 
 
-def open_run(path: PathLike) -> Run:
+def open_run(path: PathLike | Run) -> Run:
     """Open a run directory: its tables as lazily read DataFrames, its neurons as cards.
 
     Args:

@@ -79,8 +79,8 @@ class Run:
     Any other ``NAME.parquet`` of the run reads as ``run.NAME`` too.
     """
 
-    def __init__(self, path: str | os.PathLike, *, result: Any = None):
-        self._rd = RunDir.open(path)
+    def __init__(self, path: str | os.PathLike | Run, *, result: Any = None):
+        self._rd = RunDir.open(path.path if isinstance(path, Run) else path)
         self.path = self._rd.path
         self.result = result
         self._cache: dict[str, tuple[tuple[int, int], pd.DataFrame]] = {}
