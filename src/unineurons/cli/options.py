@@ -16,3 +16,7 @@ RAY_ADDRESS = typer.Option(None, help=(
 WORKERS = typer.Option(1, help="Ray workers; each loads the models once (--backend ray).")
 CPUS_PER_WORKER = typer.Option(1, help="CPU cores each Ray worker reserves (--backend ray).")
 CHECKPOINT_TOKENS = typer.Option(1_000_000, help="Save resumable state every this many tokens.")
+SAFETENSORS_ONLY = typer.Option(False, "--safetensors-only", help=(
+    "Load safetensors weights only; refuse pytorch_model.bin (by default read through "
+    "torch.load(weights_only=True), never a full unpickle). Also: UNINEURONS_SAFETENSORS_ONLY=1."
+))
