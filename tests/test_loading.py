@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_CTX, TINY_VOCAB
 from transformers import AutoTokenizer, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from unineurons.errors import UnineuronsError
 from unineurons.models.checkpoint import SAFETENSORS_ONLY_ENV, read_state_dict, strict_weights
 from unineurons.models.load import load_model
-
-from conftest import TINY_CTX, TINY_VOCAB
 
 
 def _as_bin(src: Path, dst: Path, edit=None) -> Path:

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ..config import build
+from . import options as _opts
 from .options import BACKEND, CPUS_PER_WORKER, RAY_ADDRESS, WORKERS
 
 SIZES_DEFAULT = ",".join(str(2 ** k) for k in range(15)) + ",all"
@@ -70,12 +71,20 @@ def ablate(
     ray_address: str = RAY_ADDRESS,
     workers: int = WORKERS,
     cpus_per_worker: int = CPUS_PER_WORKER,
+    family: str | None = _opts.FAMILY,
+    seeds: str | None = _opts.FAMILY_SEEDS,
+    step: int | None = _opts.FAMILY_STEP,
+    families_file: list[Path] | None = _opts.FAMILIES_FILE,
+    safetensors_only: bool = _opts.SAFETENSORS_ONLY,
 ) -> None:
     """Group ablations: universal vs non-universal vs random neurons -> RUN/ablations.parquet."""
     from ..analyses.ablate import AblateConfig, run_ablations
+    from ..models.checkpoint import strict_weights
     from ..rundir import RunDir
     from . import console
+    from .families import family_models
 
+    model = family_models(model, family, seeds, step, families_file)
     cfg = build(AblateConfig, models=model or None, sets=_items(sets, "--sets"), method=method,
                 sizes=_sizes(sizes), per_layer=per_layer, random_draws=random_draws,
                 rank_all=rank_all, tokens=None if tokens is None else str(tokens),
@@ -83,7 +92,8 @@ def ablate(
                 backend=backend, ray_address=ray_address, workers=workers,
                 cpus_per_worker=cpus_per_worker)
     rd = RunDir.open(run)
-    df = run_ablations(rd, cfg)
+    with strict_weights(safetensors_only):
+        df = run_ablations(rd, cfg)
     show_ablations(df)
     console.print(f"{len(df)} rows written to {rd.table_path('ablations')}", highlight=False)
 
@@ -117,6 +127,7 @@ def intervene(
     seed: int = typer.Option(0, "--seed", help="Seed of the random baseline neurons."),
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
+    safetensors_only: bool = _opts.SAFETENSORS_ONLY,
 ) -> None:
     """Fix single neurons at several values on every position -> RUN/interventions.parquet."""
     from ..analyses.interventions import InterveneConfig, run_interventions
@@ -127,7 +138,10 @@ def intervene(
                   random_baseline=random_baseline, tokens=None if tokens is None else str(tokens),
                   n_tokens=n_tokens, seed=seed, batch_size=batch_size, device=device)
     rd = RunDir.open(run)
-    df = run_interventions(rd, cfg)
+    from ..models.checkpoint import strict_weights
+
+    with strict_weights(safetensors_only):
+        df = run_interventions(rd, cfg)
     shown = df.copy()
     shown.loc[shown["kind"] == "random", "address"] = "random (mean)"
     shown = shown.groupby(["model", "kind", "address", "value"], sort=False).mean(

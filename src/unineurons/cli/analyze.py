@@ -72,6 +72,8 @@ def _role_settings(items: list[str]) -> dict:
 
 
 def register(app: typer.Typer) -> None:
+    from .options import FAMILIES_FILE, FAMILY, FAMILY_SEEDS, FAMILY_STEP, SAFETENSORS_ONLY
+
     @app.command("analyze")
     def analyze(
         run: Path = typer.Argument(None, help=(
@@ -139,12 +141,20 @@ def register(app: typer.Typer) -> None:
         ray_address: str = RAY_ADDRESS,
         workers: int = WORKERS,
         cpus_per_worker: int = CPUS_PER_WORKER,
+        family: str = FAMILY,
+        seeds: str = FAMILY_SEEDS,
+        step: int = FAMILY_STEP,
+        families_file: list[Path] = FAMILIES_FILE,
+        safetensors_only: bool = SAFETENSORS_ONLY,
     ) -> None:
         """Per-neuron statistics (moments, activation frequency), top activating contexts,
         neuron families and universal-vs-other properties, added to the run directory."""
         from ..analyses.analyze import AnalyzeConfig, analyze_models, analyze_run
+        from ..models.checkpoint import strict_weights
         from . import console
+        from .families import family_models
 
+        model = family_models(model, family, seeds, step, families_file)
         if run is None and not model:
             raise UnineuronsError("analyze needs a RUN directory, or --model M --tokens DIR "
                                   "--out RUN for a model on its own")
@@ -165,12 +175,13 @@ def register(app: typer.Typer) -> None:
             checkpoint_tokens=checkpoint_tokens, backend=backend, ray_address=ray_address,
             workers=workers, cpus_per_worker=cpus_per_worker,
         )
-        if run is not None:
-            res = analyze_run(run, cfg, models=model or None, resume=resume)
-            where = run
-        else:
-            res = analyze_models(model, out, cfg, resume=resume)
-            where = out
+        with strict_weights(safetensors_only):
+            if run is not None:
+                res = analyze_run(run, cfg, models=model or None, resume=resume)
+                where = run
+            else:
+                res = analyze_models(model, out, cfg, resume=resume)
+                where = out
         show_analysis(res)
         console.print(f"results: {where}/neurons.parquet, families.parquet, top_contexts.parquet"
                       + (", properties.parquet" if res.properties is not None else ""))

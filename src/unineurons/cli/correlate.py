@@ -37,9 +37,11 @@ def print_summary(layers, console) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    from .options import FAMILIES_FILE, FAMILY, FAMILY_SEEDS, FAMILY_STEP, SAFETENSORS_ONLY
+
     @app.command("correlate")
     def correlate(
-        model: list[str] = typer.Option(..., "--model", "-m", help=(
+        model: list[str] = typer.Option(None, "--model", "-m", help=(
             "Model spec: a folder or HUB_ID[@REVISION]. Repeat; the first is the reference."
         )),
         tokens: Path = typer.Option(..., help="Token store folder (from `unineurons tokens build`)."),
@@ -78,14 +80,22 @@ def register(app: typer.Typer) -> None:
         ray_address: str = RAY_ADDRESS,
         workers: int = WORKERS,
         cpus_per_worker: int = CPUS_PER_WORKER,
+        family: str = FAMILY,
+        seeds: str = FAMILY_SEEDS,
+        step: int = FAMILY_STEP,
+        families_file: list[Path] = FAMILIES_FILE,
+        safetensors_only: bool = SAFETENSORS_ONLY,
     ) -> None:
         """Correlate every neuron of the reference model with every neuron of the other seeds;
         compare with the random-rotation baseline and mark universal neurons."""
         from ..correlate.config import CorrelateConfig
         from ..correlate.engine import run_correlate
         from ..correlate.plan import fmt_bytes
+        from ..models.checkpoint import strict_weights
         from . import console
+        from .families import family_models
 
+        model = family_models(model, family, seeds, step, families_file, required=True)
         cfg = build(
             CorrelateConfig, models=model, tokens=str(tokens), n_tokens=n_tokens, pairs=pairs,
             baseline=baseline, threshold=threshold, ceiling=ceiling, top_k=top_k,
@@ -95,7 +105,8 @@ def register(app: typer.Typer) -> None:
             drop_newline=not keep_newline, backend=backend, ray_address=ray_address, workers=workers,
             cpus_per_worker=cpus_per_worker,
         )
-        res = run_correlate(cfg, out, resume=resume)
+        with strict_weights(safetensors_only):
+            res = run_correlate(cfg, out, resume=resume)
         if res.reused:
             console.print(f"[green]already done[/]: {out} holds this correlate run")
         else:

@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from ..config import build
+from . import options as _opts
 from .options import BACKEND, CPUS_PER_WORKER, RAY_ADDRESS, WORKERS
 
 __all__ = ["register", "show_dynamics", "print_emergence", "print_persistence"]
@@ -141,6 +142,11 @@ def dynamics(
     ray_address: str = RAY_ADDRESS,
     workers: int = WORKERS,
     cpus_per_worker: int = CPUS_PER_WORKER,
+    family: str | None = typer.Option(None, "--family", help="A seed family by name (`unineurons "
+                                      "families`) instead of --zoo / --model-template: --seeds "
+                                      "picks its members, --steps its checkpoints."),
+    families_file: list[Path] | None = _opts.FAMILIES_FILE,
+    safetensors_only: bool = _opts.SAFETENSORS_ONLY,
 ) -> None:
     """Universal neurons at every checkpoint step: emergence per layer, persistence
     P(t → t'), per-neuron trajectories and (--ablate) group ablations per step."""
@@ -150,6 +156,22 @@ def dynamics(
     from . import console
     from .ablate import _items, _sizes
 
+    if family is not None:
+        from ..errors import UnineuronsError
+        from .families import family_template
+
+        if zoo is not None or model_template is not None or names is not None:
+            raise UnineuronsError("--family replaces --zoo, --model-template and --names; give "
+                                  "one source of models")
+        model_template, fam_names = family_template(
+            family, seeds, None if steps is None else list(parse_int_list(steps, "--steps")),
+            families_file)
+        names, seeds = ",".join(fam_names), None
+    elif families_file:
+        from ..errors import UnineuronsError
+
+        raise UnineuronsError("--families-file adds seed families for --family; give --family "
+                              "NAME too")
     acfg = None
     if ablate:
         acfg = build(AblateConfig, sets=_items("universal,non-universal,random", "--sets"),
@@ -166,7 +188,10 @@ def dynamics(
         pairs=pairs, batch_size=batch_size, device=device, dtype=dtype,
         memory_budget=memory_budget, drop_newline=not keep_newline, ablate=acfg, backend=backend,
         ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker)
-    res = run_dynamics(cfg, out, say=lambda m: console.print(m, highlight=False))
+    from ..models.checkpoint import strict_weights
+
+    with strict_weights(safetensors_only):
+        res = run_dynamics(cfg, out, say=lambda m: console.print(m, highlight=False))
     show_dynamics(res)
     tables = "emergence, persistence, first_universal, trajectories" + \
         (", dynamics_ablations" if res.ablations is not None else "")
