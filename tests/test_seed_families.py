@@ -190,3 +190,53 @@ def test_dynamics_family_template():
         family_template("crfm-gpt2-small", None, [105], None)
     with pytest.raises(UnineuronsError, match="needs --steps"):
         family_template("pythia-70m", None, None, None)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture(monkeypatch, module: str, name: str, seen: dict):
+    import importlib
+    import os
+
+    from unineurons.models.checkpoint import SAFETENSORS_ONLY_ENV
+
+    def fake(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs, strict=os.environ.get(SAFETENSORS_ONLY_ENV))
+        raise _Stop
+
+    monkeypatch.setattr(importlib.import_module(module), name, fake)
+
+
+def test_analyze_ablate_dynamics_expand_the_family(tmp_path, monkeypatch):
+    """The family reaches each stage as model specs (seeds in the order given, the step's
+    revision), and --safetensors-only holds while the stage runs."""
+    from unineurons.cli import main
+
+    monkeypatch.delenv(SEED_FAMILIES_ENV, raising=False)
+    seen: dict = {}
+    _capture(monkeypatch, "unineurons.analyses.analyze", "analyze_models", seen)
+    with pytest.raises(_Stop):
+        main(["analyze", "--family", "pythia-70m", "--seeds", "2,0", "--step", "512",
+              "--tokens", str(tmp_path), "--out", str(tmp_path / "a"), "--safetensors-only"])
+    assert seen["args"][0] == ["EleutherAI/pythia-70m-seed2@step512", "EleutherAI/pythia-70m@step512"]
+    assert seen["strict"] == "1"
+
+    seen.clear()
+    _capture(monkeypatch, "unineurons.analyses.ablate", "run_ablations", seen)
+    monkeypatch.setattr("unineurons.rundir.RunDir.open", classmethod(lambda cls, p: p))
+    with pytest.raises(_Stop):
+        main(["ablate", str(tmp_path), "--family", "crfm-gpt2-small", "--seeds", "49",
+              "--step", "400000"])
+    assert seen["args"][1].models == ["stanford-crfm/battlestar-gpt2-small-x49@checkpoint-400000"]
+    assert seen["strict"] is None
+
+    seen.clear()
+    _capture(monkeypatch, "unineurons.analyses.dynamics", "run_dynamics", seen)
+    with pytest.raises(_Stop):
+        main(["dynamics", "--family", "pythia-160m-data-seed", "--seeds", "0-1",
+              "--steps", "1000,143000", "--tokens", str(tmp_path), "--out", str(tmp_path / "d")])
+    cfg = seen["args"][0]
+    assert cfg.model_template == "{name}@step{step}" and cfg.steps == [1000, 143000]
+    assert cfg.names == ["EleutherAI/pythia-160m", "EleutherAI/pythia-160m-data-seed1"]
