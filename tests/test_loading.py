@@ -186,3 +186,31 @@ def test_tied_head_and_legacy_gpt2_constants_load(gpt2_folder, tmp_path):
     ref = load_model(str(gpt2_folder), with_tokenizer=False)
     assert m.weights_sha256 == ref.weights_sha256
     assert torch.equal(m.model.lm_head.weight, m.model.transformer.wte.weight)
+
+
+def test_sharded_bin_with_index_loads(gpt2_folder, tmp_path):
+    import json
+
+    ref = load_model(str(gpt2_folder), with_tokenizer=False)
+    sd = dict(GPT2LMHeadModel.from_pretrained(gpt2_folder).state_dict())
+    f = _as_bin(gpt2_folder, tmp_path / "sharded")
+    (f / "pytorch_model.bin").unlink()
+    names = sorted(sd)
+    parts = {"pytorch_model-00001-of-00002.bin": names[::2],
+             "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for shard, keys in parts.items():
+        torch.save({k: sd[k] for k in keys}, f / shard)
+    index = {"metadata": {}, "weight_map": {k: s for s, ks in parts.items() for k in ks}}
+    (f / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    m = load_model(str(f), with_tokenizer=False)
+    assert m.weights_sha256 == ref.weights_sha256
+    assert sorted(m.info["weight_files"]) == sorted(parts)
+    # an index pointing outside the folder is refused; a listed shard that is gone is an error
+    index["weight_map"][names[0]] = "../elsewhere.bin"
+    (f / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(UnineuronsError, match="outside the model folder"):
+        load_model(str(f), with_tokenizer=False)
+    index["weight_map"][names[0]] = "pytorch_model-00003-of-00002.bin"
+    (f / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    with pytest.raises(UnineuronsError, match="shard pytorch_model-00003-of-00002.bin .* is missing"):
+        load_model(str(f), with_tokenizer=False)
