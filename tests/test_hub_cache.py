@@ -50,9 +50,13 @@ def _model_files(seed: int, tokenizer: Path, tmp: Path, fmt: str) -> dict[str, b
     model = GPT2LMHeadModel(cfg)
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
-    if fmt == "bin":  # a 2021-style checkpoint: pickled state dict, no safetensors
+    if fmt == "bin":  # a 2021-style CRFM checkpoint: pickled, head tied (absent), old buffers
         (folder / "model.safetensors").unlink()
-        torch.save(model.state_dict(), folder / "pytorch_model.bin")
+        sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        for i in range(cfg.n_layer):
+            sd[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+            sd[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        torch.save(sd, folder / "pytorch_model.bin")
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 

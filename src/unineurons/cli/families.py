@@ -103,7 +103,8 @@ def families(
                           f"{fam.steps_text or 'not listed'}; main = step {fam.final_step}",
                           highlight=False, soft_wrap=True)
         console.print(f"from: {fam.source}", highlight=False)
-        t = Table(title=f"members of {fam.name} (the first is the reference)", title_justify="left")
+        console.print("members (--seeds picks them; the first is the reference):", highlight=False)
+        t = Table()
         t.add_column("seed", justify="right")
         t.add_column("model")
         for m in fam.members:
@@ -111,8 +112,9 @@ def families(
         console.print(t)
         return
     fams = load_seed_families(_files(families_file))
-    t = Table(title="seed families (`unineurons families NAME` for members; "
-              "--family NAME --seeds S --step N)", title_justify="left")
+    console.print("seed families (`unineurons families NAME` lists members; use them as "
+                  "--family NAME --seeds S --step N)", highlight=False)
+    t = Table()
     for col in ("family", "members", "seeds", "size", "neurons", "steps", "revision",
                 "tokenizer"):
         t.add_column(col, justify="right" if col in ("members", "size", "neurons") else "left")
