@@ -222,6 +222,9 @@ def test_analyze_ablate_dynamics_expand_the_family(tmp_path, monkeypatch):
               "--tokens", str(tmp_path), "--out", str(tmp_path / "a"), "--safetensors-only"])
     assert seen["args"][0] == ["EleutherAI/pythia-70m-seed2@step512", "EleutherAI/pythia-70m@step512"]
     assert seen["strict"] == "1"
+    from unineurons.models.checkpoint import SAFETENSORS_ONLY_ENV
+
+    assert SAFETENSORS_ONLY_ENV not in __import__("os").environ  # released with the command
 
     seen.clear()
     _capture(monkeypatch, "unineurons.analyses.ablate", "run_ablations", seen)

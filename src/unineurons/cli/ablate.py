@@ -49,6 +49,7 @@ def _floats(text: str) -> list[float]:
 
 
 def ablate(
+    ctx: typer.Context,
     run: Path = typer.Argument(..., help="Run directory (with neurons.parquet from correlate)."),
     model: list[str] | None = typer.Option(None, "--model", help="Model of the run (repeat "
                                            "for several); every model of the run when unset."),
@@ -79,12 +80,12 @@ def ablate(
 ) -> None:
     """Group ablations: universal vs non-universal vs random neurons -> RUN/ablations.parquet."""
     from ..analyses.ablate import AblateConfig, run_ablations
-    from ..models.checkpoint import strict_weights
     from ..rundir import RunDir
     from . import console
-    from .families import family_models
+    from .families import family_models, hold_safetensors_only
 
     model = family_models(model, family, seeds, step, families_file)
+    hold_safetensors_only(ctx, safetensors_only)
     cfg = build(AblateConfig, models=model or None, sets=_items(sets, "--sets"), method=method,
                 sizes=_sizes(sizes), per_layer=per_layer, random_draws=random_draws,
                 rank_all=rank_all, tokens=None if tokens is None else str(tokens),
@@ -92,8 +93,7 @@ def ablate(
                 backend=backend, ray_address=ray_address, workers=workers,
                 cpus_per_worker=cpus_per_worker)
     rd = RunDir.open(run)
-    with strict_weights(safetensors_only):
-        df = run_ablations(rd, cfg)
+    df = run_ablations(rd, cfg)
     show_ablations(df)
     console.print(f"{len(df)} rows written to {rd.table_path('ablations')}", highlight=False)
 
@@ -113,6 +113,7 @@ def show_ablations(df) -> None:
 
 
 def intervene(
+    ctx: typer.Context,
     run: Path = typer.Argument(..., help="Run directory."),
     model: str | None = typer.Option(None, "--model", help="Model of the run; the run's first "
                                      "(reference) model when unset."),
@@ -131,6 +132,9 @@ def intervene(
 ) -> None:
     """Fix single neurons at several values on every position -> RUN/interventions.parquet."""
     from ..analyses.interventions import InterveneConfig, run_interventions
+    from .families import hold_safetensors_only
+
+    hold_safetensors_only(ctx, safetensors_only)
     from ..rundir import RunDir
     from . import console
 
@@ -138,10 +142,7 @@ def intervene(
                   random_baseline=random_baseline, tokens=None if tokens is None else str(tokens),
                   n_tokens=n_tokens, seed=seed, batch_size=batch_size, device=device)
     rd = RunDir.open(run)
-    from ..models.checkpoint import strict_weights
-
-    with strict_weights(safetensors_only):
-        df = run_interventions(rd, cfg)
+    df = run_interventions(rd, cfg)
     shown = df.copy()
     shown.loc[shown["kind"] == "random", "address"] = "random (mean)"
     shown = shown.groupby(["model", "kind", "address", "value"], sort=False).mean(

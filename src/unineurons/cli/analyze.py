@@ -76,6 +76,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("analyze")
     def analyze(
+        ctx: typer.Context,
         run: Path = typer.Argument(None, help=(
             "Run directory of `unineurons correlate` (its models and tokens)."
         )),
@@ -150,11 +151,11 @@ def register(app: typer.Typer) -> None:
         """Per-neuron statistics (moments, activation frequency), top activating contexts,
         neuron families and universal-vs-other properties, added to the run directory."""
         from ..analyses.analyze import AnalyzeConfig, analyze_models, analyze_run
-        from ..models.checkpoint import strict_weights
         from . import console
-        from .families import family_models
+        from .families import family_models, hold_safetensors_only
 
         model = family_models(model, family, seeds, step, families_file)
+        hold_safetensors_only(ctx, safetensors_only)
         if run is None and not model:
             raise UnineuronsError("analyze needs a RUN directory, or --model M --tokens DIR "
                                   "--out RUN for a model on its own")
@@ -175,13 +176,12 @@ def register(app: typer.Typer) -> None:
             checkpoint_tokens=checkpoint_tokens, backend=backend, ray_address=ray_address,
             workers=workers, cpus_per_worker=cpus_per_worker,
         )
-        with strict_weights(safetensors_only):
-            if run is not None:
-                res = analyze_run(run, cfg, models=model or None, resume=resume)
-                where = run
-            else:
-                res = analyze_models(model, out, cfg, resume=resume)
-                where = out
+        if run is not None:
+            res = analyze_run(run, cfg, models=model or None, resume=resume)
+            where = run
+        else:
+            res = analyze_models(model, out, cfg, resume=resume)
+            where = out
         show_analysis(res)
         console.print(f"results: {where}/neurons.parquet, families.parquet, top_contexts.parquet"
                       + (", properties.parquet" if res.properties is not None else ""))

@@ -41,6 +41,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("correlate")
     def correlate(
+        ctx: typer.Context,
         model: list[str] = typer.Option(None, "--model", "-m", help=(
             "Model spec: a folder or HUB_ID[@REVISION]. Repeat; the first is the reference."
         )),
@@ -91,11 +92,11 @@ def register(app: typer.Typer) -> None:
         from ..correlate.config import CorrelateConfig
         from ..correlate.engine import run_correlate
         from ..correlate.plan import fmt_bytes
-        from ..models.checkpoint import strict_weights
         from . import console
-        from .families import family_models
+        from .families import family_models, hold_safetensors_only
 
         model = family_models(model, family, seeds, step, families_file, required=True)
+        hold_safetensors_only(ctx, safetensors_only)
         cfg = build(
             CorrelateConfig, models=model, tokens=str(tokens), n_tokens=n_tokens, pairs=pairs,
             baseline=baseline, threshold=threshold, ceiling=ceiling, top_k=top_k,
@@ -105,8 +106,7 @@ def register(app: typer.Typer) -> None:
             drop_newline=not keep_newline, backend=backend, ray_address=ray_address, workers=workers,
             cpus_per_worker=cpus_per_worker,
         )
-        with strict_weights(safetensors_only):
-            res = run_correlate(cfg, out, resume=resume)
+        res = run_correlate(cfg, out, resume=resume)
         if res.reused:
             console.print(f"[green]already done[/]: {out} holds this correlate run")
         else:

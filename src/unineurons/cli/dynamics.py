@@ -96,6 +96,7 @@ def show_dynamics(res: Any) -> None:
 
 
 def dynamics(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="Run directory to write (steps/step{t}/ holds "
                              "each step's correlate run)."),
     tokens: Path = typer.Option(..., "--tokens", help="Token store to correlate on (held-out)."),
@@ -155,7 +156,9 @@ def dynamics(
     from ..zoo import parse_int_list
     from . import console
     from .ablate import _items, _sizes
+    from .families import hold_safetensors_only
 
+    hold_safetensors_only(ctx, safetensors_only)
     if family is not None:
         from ..errors import UnineuronsError
         from .families import family_template
@@ -188,10 +191,7 @@ def dynamics(
         pairs=pairs, batch_size=batch_size, device=device, dtype=dtype,
         memory_budget=memory_budget, drop_newline=not keep_newline, ablate=acfg, backend=backend,
         ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker)
-    from ..models.checkpoint import strict_weights
-
-    with strict_weights(safetensors_only):
-        res = run_dynamics(cfg, out, say=lambda m: console.print(m, highlight=False))
+    res = run_dynamics(cfg, out, say=lambda m: console.print(m, highlight=False))
     show_dynamics(res)
     tables = "emergence, persistence, first_universal, trajectories" + \
         (", dynamics_ablations" if res.ablations is not None else "")

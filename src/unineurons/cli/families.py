@@ -13,11 +13,23 @@ import typer
 
 from ..errors import UnineuronsError
 
-__all__ = ["register", "family_models", "family_template"]
+__all__ = ["register", "family_models", "family_template", "hold_safetensors_only"]
 
 
 def _files(families_file: list[Path] | None) -> list[Path]:
     return list(families_file or [])
+
+
+def hold_safetensors_only(ctx: typer.Context, enabled: bool) -> None:
+    """``--safetensors-only``: every model this command loads (and local Ray workers, through
+    the environment) refuses ``.bin`` weights until the command ends."""
+    if not enabled:
+        return
+    from ..models.checkpoint import strict_weights
+
+    held = strict_weights(True)
+    held.__enter__()
+    ctx.call_on_close(lambda: held.__exit__(None, None, None))
 
 
 def family_models(models: list[str] | None, family: str | None, seeds: str | None,
