@@ -35,7 +35,7 @@ def gpt2_folder(make_gpt2, tmp_path_factory) -> Path:
 
 
 def _neox(path: Path, tiny_tokenizer: Path, rename: dict[str, str] | None = None,
-          extra: dict | None = None) -> Path:
+          extra: dict | None = None, half: bool = False) -> Path:
     """A tiny untied NeoX saved as pytorch_model.bin with keys renamed / added."""
     torch.manual_seed(0)
     cfg = GPTNeoXConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
@@ -45,7 +45,7 @@ def _neox(path: Path, tiny_tokenizer: Path, rename: dict[str, str] | None = None
     path.mkdir(parents=True)
     cfg.save_pretrained(path)
     AutoTokenizer.from_pretrained(tiny_tokenizer).save_pretrained(path)
-    sd = dict(model.state_dict())
+    sd = {k: v.half() if half else v for k, v in model.state_dict().items()}
     for old, new in (rename or {}).items():
         sd[new] = sd.pop(old)
     sd.update(extra or {})
@@ -64,6 +64,10 @@ def test_bin_loads_same_weights_as_safetensors(gpt2_folder, tmp_path):
     assert b.info["weight_files"] == {"pytorch_model.bin": hashlib.sha256(raw).hexdigest()}
     assert st.info["weight_files"]["model.safetensors"] == hashlib.sha256(
         (gpt2_folder / "model.safetensors").read_bytes()).hexdigest()
+    both = tmp_path / "both"  # safetensors wins when a folder has both
+    shutil.copytree(gpt2_folder, both)
+    shutil.copy(binf / "pytorch_model.bin", both)
+    assert load_model(str(both), with_tokenizer=False).info["weights_format"] == "safetensors"
 
 
 def test_safetensors_only_refuses_bin(gpt2_folder, tmp_path, monkeypatch):
@@ -165,10 +169,13 @@ def test_real_pythia_layout_loads(tiny_tokenizer, tmp_path):
              "gpt_neox.layers.0.attention.bias": torch.ones(1, 1, 4, 4, dtype=torch.bool),
              "gpt_neox.layers.0.attention.masked_bias": torch.tensor(-1e9)}
     f = _neox(tmp_path / "pythia", tiny_tokenizer, rename={"lm_head.weight": "embed_out.weight"},
-              extra=extra)
+              extra=extra, half=True)  # Pythia ships float16
     m = load_model(str(f), with_tokenizer=False)
     saved = torch.load(f / "pytorch_model.bin", weights_only=True)
-    assert torch.equal(m.model.lm_head.weight, saved["embed_out.weight"])
+    assert m.model.lm_head.weight.dtype == torch.float32
+    assert torch.equal(m.model.lm_head.weight, saved["embed_out.weight"].float())
+    w = m.model.gpt_neox.layers[1].mlp.dense_4h_to_h.weight
+    assert torch.equal(w, saved["gpt_neox.layers.1.mlp.dense_4h_to_h.weight"].float())
 
 
 def test_tied_head_and_legacy_gpt2_constants_load(gpt2_folder, tmp_path):
