@@ -41,7 +41,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..accumulators.moments import Moments
-
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
 from .attention import attention_scores
