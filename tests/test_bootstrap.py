@@ -125,7 +125,7 @@ def test_context_sums_split_and_merge_in_any_order(rows, cuts, rnd):
     ids = torch.tensor([r[0] for r in rows])
     vals = torch.tensor([[r[1], 1.0] for r in rows], dtype=torch.float64)
     edges = sorted({0, len(rows), *[min(c, len(rows)) for c in cuts]})
-    parts = [ContextSums(2).update(ids[a:b], vals[a:b]) for a, b in zip(edges, edges[1:])]
+    parts = [ContextSums(2).update(ids[a:b], vals[a:b]) for a, b in zip(edges[:-1], edges[1:], strict=True)]
     rnd.shuffle(parts)
     merged = ContextSums(2)
     for p in parts:
