@@ -150,3 +150,14 @@ def test_role_config_null_options_are_validated(tmp_path):
     df = weight_columns(m).assign(model="other")
     with pytest.raises(UnineuronsError, match="model other"):
         role_columns(df, [m], RoleConfig(null_directions=1000, null_quantile=0.99))
+
+
+def test_rules_sentence_counts_both_rules():
+    from unineurons.analyses.roles import rules_sentence
+
+    df = pd.DataFrame({"role_paper": ["partition"] * 3 + ["prediction"],
+                       "role_calibrated": ["none"] * 3 + ["prediction"]})
+    text = rules_sentence(df)
+    assert "give prediction 1, suppression 0, partition 3;" in text
+    assert "gives prediction 1, suppression 0, partition 0." in text
+    assert rules_sentence(df[["role_paper"]]) == ""
