@@ -98,8 +98,8 @@ def show_ablations(df) -> None:
     summary = summarize(df)
     # whole-model rows in full; per layer only the whole set (Nandan et al. Fig. 5)
     summary = summary[(summary["layer"] == -1) | (summary["size"] == "all")]
-    _print_table(console, summary, "ablations (delta_loss: mean over draws, 95% interval "
-                 "[lo, hi] over contexts and draws, std over draws)",
+    _print_table(console, summary, "ablations (delta_loss: mean over draws; lo, hi: its 95% "
+                 "interval over contexts and draws; std: over draws)",
                  ["model", "layer", "set", "size", "n_ablated", "delta_loss", "delta_loss_lo",
                   "delta_loss_hi", "delta_loss_std", "kl", "efficiency"])
     console.print(headline(df), highlight=False, soft_wrap=True)
