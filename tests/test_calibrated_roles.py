@@ -161,3 +161,43 @@ def test_rules_sentence_counts_both_rules():
     assert "give prediction 1, suppression 0, partition 3;" in text
     assert "gives prediction 1, suppression 0, partition 0." in text
     assert rules_sentence(df[["role_paper"]]) == ""
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--role-null-quantile", "0.9999"], "use at least 100000 directions"),
+    (["--role-thresholds", "loose"], "thresholds"),
+])
+def test_cli_role_options_fail_in_one_line(tmp_path, capsys, args, message):
+    from unineurons.cli import main
+
+    argv = ["analyze", "--model", str(tmp_path / "m"), "--tokens", str(tmp_path), "--out",
+            str(tmp_path / "run"), *args]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and err.count("error:") == 1
+    assert not (tmp_path / "run").exists()  # nothing partial left behind
+
+
+def test_analyze_writes_both_rules(tmp_path, make_gpt2, tiny_store, capsys):
+    """The analyze stage: role_paper, role_calibrated and role (as picked) in neurons.parquet,
+    both rules' bounds in the manifest, both counts in the printed summary."""
+    from unineurons.analyses.analyze import AnalyzeConfig, analyze_models
+    from unineurons.cli.analyze import show_analysis
+    from unineurons.rundir import RunDir
+
+    path = make_gpt2(tmp_path / "m", seed=1)
+    roles = {"thresholds": "calibrated", "null_directions": 1000, "null_quantile": 0.99,
+             "entropy_max_candidates": 0, "entropy_n_random": 0}
+    res = analyze_models([str(path)], tmp_path / "run", AnalyzeConfig(
+        tokens=str(tiny_store), n_tokens=1024, neurons="all", roles=roles))
+    n = RunDir.open(tmp_path / "run").read_table("neurons")
+    assert (n["role"] == n["role_calibrated"]).all() and n["role_paper"].notna().all()
+    th = RunDir.open(tmp_path / "run").manifest()["roles"][str(path)]
+    assert th["paper"]["var"] == 0.005 and th["calibrated"]["n_null"] == 1000
+    assert int(res.roles_calibrated["total"].sum()) == len(n) == int(res.roles["total"].sum())
+    show_analysis(res)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "neurons per role_paper" in out and "neurons per role_calibrated" in out
+    assert "calibrated rule (beyond the 0.99 quantile of 1000 random directions)" in out
