@@ -412,8 +412,8 @@ def intervene_neurons(m: LoadedModel, contexts: np.ndarray, special: dict,
 
     Columns: ``model, address, layer, neuron, kind, value`` then :data:`METRICS` and
     ``delta_loss, delta_entropy, delta_final_norm_scale`` against the clean model on the same
-    tokens, and their 95 % intervals :data:`CI_COLUMNS` (paired bootstrap over contexts). ``kinds`` labels each neuron (default ``"target"``). All configurations share one
-    pass over the tokens.
+    tokens, and their 95 % intervals :data:`CI_COLUMNS` (paired bootstrap over contexts).
+    ``kinds`` labels each neuron (default ``"target"``). All configurations share one pass.
     """
     kinds = list(kinds) if kinds is not None else ["target"] * len(neurons)
     if len(kinds) != len(neurons):
