@@ -272,6 +272,8 @@ def test_large_effect_headline_has_intervals(tmp_path, make_gpt2, model_and_data
     assert "difference" in text and "95% interval" in text and "over contexts and draws" in text
     assert "not distinguishable from zero" not in text
     assert text == headline(df.sample(frac=1.0, random_state=0))  # row order does not matter
+    df.to_parquet(tmp_path / "a.parquet", index=False)  # the replicates survive the table
+    assert headline(pd.read_parquet(tmp_path / "a.parquet")) == text
     # any target set name: rename it (as the calibrated universal set)
     other = df.assign(set=df["set"].replace({"universal": "universal-calibrated"}))
     assert "top 4 universal-calibrated neurons" in headline(other)
