@@ -65,7 +65,9 @@ def ablate(
     tokens: Path | None = typer.Option(None, "--tokens", help="Token store; the run's when unset."),
     n_tokens: int | None = typer.Option(None, "--n-tokens", help="Tokens to evaluate on; each "
                                         "configuration costs one forward pass over them."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random sets."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random sets and the bootstrap."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired-bootstrap resamples of the "
+                                  "contexts behind each effect's 95% interval (0: none)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
     backend: str = BACKEND,
@@ -89,8 +91,8 @@ def ablate(
     cfg = build(AblateConfig, models=model or None, sets=_items(sets, "--sets"), method=method,
                 sizes=_sizes(sizes), per_layer=per_layer, random_draws=random_draws,
                 rank_all=rank_all, tokens=None if tokens is None else str(tokens),
-                n_tokens=n_tokens, seed=seed, batch_size=batch_size, device=device,
-                backend=backend, ray_address=ray_address, workers=workers,
+                n_tokens=n_tokens, seed=seed, n_bootstrap=bootstrap, batch_size=batch_size,
+                device=device, backend=backend, ray_address=ray_address, workers=workers,
                 cpus_per_worker=cpus_per_worker)
     rd = RunDir.open(run)
     df = run_ablations(rd, cfg)
@@ -106,9 +108,10 @@ def show_ablations(df) -> None:
     summary = summarize(df)
     # whole-model rows in full; per layer only the whole set (Nandan et al. Fig. 5)
     summary = summary[(summary["layer"] == -1) | (summary["size"] == "all")]
-    _print_table(console, summary, "ablations (delta_loss: mean ± std over draws)",
-                 ["model", "layer", "set", "size", "n_ablated", "delta_loss", "delta_loss_std",
-                  "kl", "efficiency"])
+    _print_table(console, summary, "ablations (delta_loss: mean over draws; lo, hi: its 95% "
+                 "interval over contexts and draws; std: over draws)",
+                 ["model", "layer", "set", "size", "n_ablated", "delta_loss", "delta_loss_lo",
+                  "delta_loss_hi", "delta_loss_std", "kl", "efficiency"])
     console.print(headline(df), highlight=False, soft_wrap=True)
 
 
@@ -147,9 +150,10 @@ def intervene(
     shown.loc[shown["kind"] == "random", "address"] = "random (mean)"
     shown = shown.groupby(["model", "kind", "address", "value"], sort=False).mean(
         numeric_only=True).reset_index()
-    _print_table(console, shown, "single-neuron interventions",
-                 ["address", "value", "loss", "delta_loss", "entropy", "delta_entropy",
-                  "true_rank_median", "final_norm_scale"])
+    _print_table(console, shown, "single-neuron interventions (lo, hi: 95% interval over "
+                 "contexts; random: means over the baseline neurons)",
+                 ["address", "value", "loss", "delta_loss", "delta_loss_lo", "delta_loss_hi",
+                  "entropy", "delta_entropy", "true_rank_median", "final_norm_scale"])
     console.print(f"{len(df)} rows written to {rd.table_path('interventions')}", highlight=False)
 
 
