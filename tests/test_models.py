@@ -119,8 +119,8 @@ def test_pickle_only_checkpoints_are_refused(tmp_path):
     m = FAMILIES["gpt2"]()
     m.config.save_pretrained(tmp_path / "bin")
     torch.save(m.state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # a pickle: never loaded
-    with pytest.raises(UnineuronsError, match="safetensors"):
-        load_model(str(tmp_path / "bin"))
+    with pytest.raises(UnineuronsError, match="safetensors"):  # in strict mode (issue 12)
+        load_model(str(tmp_path / "bin"), safetensors_only=True)
 
 
 def test_neuron_addresses_round_trip():

@@ -42,7 +42,7 @@ from .families import (
     family_duplicates,
 )
 from .interventions import load_run_model, run_contexts, run_model_entries, write_model_rows
-from .roles import RoleConfig, assign_roles, entropy_and_attention
+from .roles import RoleConfig, entropy_and_attention, role_columns
 
 __all__ = ["AnalyzeConfig", "AnalyzeResult", "analyze", "analyze_run", "analyze_models",
            "select_neurons", "STAT_COLUMNS"]
@@ -111,6 +111,10 @@ class AnalyzeResult:
     roles: pd.DataFrame | None  #: neuron counts per role, when roles were assigned
     properties: pd.DataFrame | None  #: universal vs other z-scores; None without universality
     notes: list[str] = field(default_factory=list)  #: what was skipped and why
+    #: neuron counts per role under the calibrated rule (``roles``: the paper rule's)
+    roles_calibrated: pd.DataFrame | None = None
+    #: per model spec, both rules' role thresholds (analyses.roles.role_columns)
+    role_thresholds: dict = field(default_factory=dict)
 
 
 def select_neurons(model: str, n_layers: int, d_mlp: int, choice: str, table: pd.DataFrame | None,
@@ -239,8 +243,10 @@ def _weight_stage(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarr
         run.update_neurons(pd.concat(role_cols, ignore_index=True))
     neurons = run.read_table("neurons")
     mine = neurons["model"].isin([m.name for m in models])
-    roles = assign_roles(neurons[mine], cfg.roles)  # after entropy / attention: it uses them
-    return run.update_neurons(neurons.loc[mine, ["model", "layer", "neuron"]].assign(role=roles))
+    # after entropy / attention: the roles use them; both rules (paper, calibrated)
+    roles, thresholds = role_columns(neurons[mine], models, cfg.roles)
+    run.update_manifest(roles={**(run.manifest().get("roles") or {}), **thresholds})
+    return run.update_neurons(roles)
 
 
 def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, special: dict,
@@ -291,9 +297,14 @@ def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, sp
         "n_family_neurons": {m.name: int(len(s)) for m, s in zip(models, subsets, strict=True)},
         "notes": notes, "elapsed_s": round(time.perf_counter() - t0, 3)})
     clear_state(run)  # the tables hold the token pass now
-    roles = summary_counts(mine, "role") if "role" in mine.columns else None
+    paper = "role_paper" if "role_paper" in mine.columns else "role"
+    roles = summary_counts(mine, paper) if paper in mine.columns else None
+    cal = (summary_counts(mine, "role_calibrated") if "role_calibrated" in mine.columns
+           else None)
+    role_th = {k: v for k, v in (run.manifest().get("roles") or {}).items() if k in specs}
     return AnalyzeResult(neurons=neurons, families=summary_counts(mine, "family"), roles=roles,
-                         properties=props, notes=notes)
+                         properties=props, notes=notes, roles_calibrated=cal,
+                         role_thresholds=role_th)
 
 
 def analyze_run(run_path: str | Path, cfg: AnalyzeConfig, models: Sequence[str] | None = None,

@@ -254,7 +254,10 @@ def _roles(t: Tables, opts: dict) -> Drawn:
     counts = role_counts(n)
     if counts.empty:
         raise Skip(f"no neuron of {t.reference} has a role other than none")
-    return _stacked(t, "role", ROLE_ORDER, counts, n, "role")
+    drawn = _stacked(t, "role", ROLE_ORDER, counts, n, "role")
+    from ..analyses.roles import rules_sentence  # paper vs calibrated rule (docs/tables.md)
+
+    return Drawn(drawn.fig, (drawn.caption + " " + rules_sentence(n)).strip(), drawn.notes)
 
 
 @figure("families_by_layer", "Neuron families by layer", "Families", needs=["neurons"])
