@@ -50,7 +50,8 @@ _NEURON = """
 {% for k, v in d.universal.items() %}{% if v %}<span style="background: #2e7d32; color: white;
 padding: 0 5px; border-radius: 3px; margin-left: 4px">{{ "universal" if k == "is_universal"
 else "universal (calibrated)" }}</span>{% endif %}{% endfor %}</div>
-<div>role <b>{{ d.role or "-" }}</b> · family <b>{{ d.family or "-" }}</b>
+<div>role <b>{{ d.role or "-" }}</b>{% if d.roles %} ({% for k, v in d.roles.items() %}{{ k }}: {{ v
+}}{{ ", " if not loop.last }}{% endfor %}){% endif %} · family <b>{{ d.family or "-" }}</b>
 {% if d.family_feature %}(<code>{{ d.family_feature }}</code>){% endif %}</div>
 <div style="display: flex; gap: 24px; flex-wrap: wrap; margin-top: 4px">
 {% if d.universality or d.stats %}<table style="border-collapse: collapse">

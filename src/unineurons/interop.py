@@ -29,7 +29,7 @@ __all__ = ["tl_hook_name", "hf_module_path", "name_table", "export_neurons", "EX
 #: Columns of ``neurons.parquet`` copied into an export when the run has them.
 EXPORT_COLUMNS = ["excess_corr", "max_corr", "baseline_corr", "ceiling_corr", "excess_norm",
                   "is_universal", "is_universal_calibrated", "p_value", "q_value", "role",
-                  "family", "family_feature"]
+                  "role_paper", "role_calibrated", "family", "family_feature"]
 
 
 def tl_hook_name(layer: int) -> str:

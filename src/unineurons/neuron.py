@@ -225,6 +225,9 @@ class Neuron:
         d["universality"] = [(label, _num(self._row[c])) for c, label in UNIVERSALITY_COLUMNS
                              if c in self._row.index and _num(self._row[c]) is not None]
         d["role"], d["family"] = self.role, self.family
+        # both role rules when the run has them (role is the one --role-thresholds picked)
+        d["roles"] = {k: self._get(f"role_{k}") for k in ("paper", "calibrated")
+                      if self._get(f"role_{k}") is not None}
         d["family_feature"] = self._get("family_feature")
         d["stats"] = [(label, _num(self._row[c])) for c, label in STAT_COLUMNS
                       if c in self._row.index and _num(self._row[c]) is not None]

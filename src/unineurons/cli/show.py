@@ -62,6 +62,8 @@ def neuron_card(d: dict[str, Any]) -> Any:
     parts.append(head)
     line = Text("role ")
     line.append(d["role"] or "-", style="bold")
+    if d.get("roles"):
+        line.append(" (" + ", ".join(f"{k}: {v}" for k, v in d["roles"].items()) + ")")
     line.append("   family ")
     line.append(d["family"] or "-", style="bold")
     if d["family_feature"]:
