@@ -46,6 +46,8 @@ def test_show_prints_the_card(run, shared, capsys):
         assert label in out
     assert repr(nr.promoted["token"].iloc[0].replace("\n", "⏎")) in out
     assert "top contexts" in out
+    if "role_calibrated" in nr.stats.index:  # both role rules, when analyze wrote them
+        assert f"calibrated: {nr.stats['role_calibrated']}" in out
     values = [line.split()[1] for line in out.splitlines()
               if len(line.split()) > 1 and _is_float(line.split()[1])]
     assert f"{nr.contexts['value'].iloc[0]:.3g}" in values
