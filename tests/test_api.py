@@ -169,6 +169,21 @@ def test_config_object_with_overrides_equals_keywords(shared, tmp_path, tiny_sto
     assert un.open_run(a).path == a.path
 
 
+def test_family_options_expand_to_the_members(shared, tmp_path, tiny_store):
+    _, models, _ = shared
+    f = tmp_path / "families.toml"
+    f.write_text('[families.mine]\ndescription = "seed 0 and its permuted copies"\nmembers = [\n'
+                 + "".join(f'  {{ seed = {i}, id = "{m}" }},\n' for i, m in enumerate(models))
+                 + "]\n")
+    run = un.correlate(family="mine", seeds=[2, 0], families_file=f, tokens=tiny_store,
+                       out=tmp_path / "run", n_tokens=256)
+    assert run.models == [models[2], models[0]]
+    with pytest.raises(UnineuronsError, match="--family"):
+        un.correlate(models=models, seeds="0-1", tokens=tiny_store, out=tmp_path / "x")
+    with pytest.raises(UnineuronsError, match="no seed family"):
+        un.analyze(run, family="nope", families_file=f)
+
+
 def test_plan_equals_the_estimate_the_cli_builds(shared):
     from unineurons.correlate.config import CorrelateConfig
     from unineurons.correlate.estimate import estimate

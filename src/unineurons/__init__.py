@@ -32,7 +32,7 @@ __all__ = [
 _HOMES = {
     "analyze": "api", "ablate": "api", "intervene": "api", "dynamics": "api",
     "train_zoo": "api", "build_tokens": "api", "train_tokenizer": "api", "plan": "api",
-    "open_run": "api", "Zoo": "api", "Run": "run", "Neuron": "neuron", "UnineuronsError": "errors",
+    "open_run": "api", "Zoo": "run", "Run": "run", "Neuron": "neuron", "UnineuronsError": "errors",
     # subpackages whose modules are callable: calling one runs its stage (unineurons.api)
     "correlate": None, "report": None,
 }

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import UnineuronsError
-from .run import Run
+from .run import Run, Zoo
 
 if TYPE_CHECKING:
     from .correlate.estimate import Estimate
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
     from .tokens import TokenStore
 
 __all__ = ["correlate", "analyze", "ablate", "intervene", "dynamics", "report", "train_zoo",
-           "build_tokens", "train_tokenizer", "plan", "open_run", "Zoo"]
+           "build_tokens", "train_tokenizer", "plan", "open_run"]
 
 T = TypeVar("T")
 PathLike = str | os.PathLike
@@ -68,6 +67,38 @@ def _listed(v: Any) -> Any:
     return [_plain(v)] if isinstance(v, (str, os.PathLike)) else v
 
 
+_FAMILY_KEYS = ("family", "seeds", "step", "families_file")
+
+
+def _family(options: dict[str, Any], models: Any, required: bool = False) -> Any:
+    """``models`` followed by the members of ``family=`` (``seeds=``, ``step=``,
+    ``families_file=``, as the commands' ``--family`` options; removed from ``options``)."""
+    fam = {k: options.pop(k) for k in _FAMILY_KEYS if k in options}
+    if not fam and not required:
+        return models
+    from .cli.families import family_models
+
+    seeds = fam.get("seeds")
+    if seeds is not None and not isinstance(seeds, str):
+        seeds = ",".join(str(int(x)) for x in seeds)
+    files = [Path(_plain(f)) for f in _listed(fam.get("families_file")) or []]
+    listed = None if models is None else [_plain(m) for m in _listed(models)]
+    return family_models(listed, fam.get("family"), seeds, fam.get("step"), files,
+                         required=required)
+
+
+def _weights_rule(options: dict[str, Any]) -> Any:
+    """``safetensors_only=True`` (the commands' ``--safetensors-only``): a context in which
+    every model load refuses ``.bin`` weights."""
+    from contextlib import nullcontext
+
+    if not options.pop("safetensors_only", False):
+        return nullcontext()
+    from .models.checkpoint import strict_weights
+
+    return strict_weights(True)
+
+
 def open_run(path: PathLike | Run) -> Run:
     """Open a run directory: its tables as lazily read DataFrames, its neurons as cards.
 
@@ -102,7 +133,10 @@ def correlate(models: Sequence[PathLike] | None = None, tokens: PathLike | None 
             contexts; default all), ``pairs`` ("reference" | "all"), ``threshold`` (0.5),
             ``batch_size`` (contexts per forward pass, 8), ``device`` ("cpu"), ``dtype``
             ("float32"), ``memory_budget`` ("8GB"), ``seed`` (rotation seed, 0),
-            ``drop_newline`` (True), ``backend`` ("local" | "ray"), ...
+            ``drop_newline`` (True), ``backend`` ("local" | "ray"), ...; and as the command's
+            options: ``family`` (a seed family by name, its members after ``models``),
+            ``seeds`` (its members, e.g. "0-9" or [21, 49]), ``step`` (the checkpoint),
+            ``families_file``, ``safetensors_only`` (refuse ``.bin`` weights).
 
     Returns:
         The :class:`~unineurons.run.Run` of ``out``; ``run.result`` is the engine's
@@ -117,11 +151,15 @@ def correlate(models: Sequence[PathLike] | None = None, tokens: PathLike | None 
     from .correlate.config import CorrelateConfig
     from .correlate.engine import run_correlate
 
+    weights = _weights_rule(options)
+    if config is None or models is not None or "family" in options:
+        models = _family(options, models, required=config is None)
     given = {k: v for k, v in (("models", models), ("tokens", tokens)) if v is not None}
     cfg = _config(CorrelateConfig, config, {**given, **options})
     if out is None:
         raise UnineuronsError("correlate needs out: the run directory to write")
-    res = run_correlate(cfg, out, resume=resume)
+    with weights:
+        res = run_correlate(cfg, out, resume=resume)
     return Run(out, result=res)
 
 
@@ -143,7 +181,8 @@ def analyze(run: Run | PathLike | None = None, *, models: Sequence[PathLike] | N
             ``n_tokens`` (default the run's count), ``neurons`` ("auto" | "universal" | "all" |
             a file of addresses), ``top_k`` (10 contexts per neuron), ``window_before`` (24) /
             ``window_after`` (8) tokens, ``vocab_k`` (20), ``batch_size`` (8), ``device``,
-            ``roles`` (a RoleConfig or dict of its fields), ...
+            ``roles`` (a RoleConfig or dict of its fields), ...; ``family`` / ``seeds`` /
+            ``step`` / ``families_file`` / ``safetensors_only`` as for :func:`correlate`.
 
     Returns:
         The :class:`~unineurons.run.Run` written; ``run.result`` is the ``AnalyzeResult``
@@ -157,7 +196,8 @@ def analyze(run: Run | PathLike | None = None, *, models: Sequence[PathLike] | N
     """
     from .analyses.analyze import AnalyzeConfig, analyze_models, analyze_run
 
-    models = _listed(models)
+    weights = _weights_rule(options)
+    models = _family(options, _listed(models))
     if run is None and not models:
         raise UnineuronsError("analyze needs a run directory, or models=[...] with tokens= "
                               "and out= for models on their own")
@@ -168,12 +208,13 @@ def analyze(run: Run | PathLike | None = None, *, models: Sequence[PathLike] | N
         raise UnineuronsError("analyze of models on their own needs out=: the run directory "
                               "to write")
     cfg = _config(AnalyzeConfig, config, options)
-    if run is not None:
-        path = _run_path(run)
-        res = analyze_run(path, cfg, models=models or None, resume=resume)
-    else:
-        path = Path(out)  # type: ignore[arg-type]
-        res = analyze_models(models, path, cfg, resume=resume)
+    with weights:
+        if run is not None:
+            path = _run_path(run)
+            res = analyze_run(path, cfg, models=models or None, resume=resume)
+        else:
+            path = Path(out)  # type: ignore[arg-type]
+            res = analyze_models(models, path, cfg, resume=resume)
     return Run(path, result=res)
 
 
@@ -189,7 +230,8 @@ def ablate(run: Run | PathLike, *, config: Any = None, **options: Any) -> Run:
             (["universal", "non-universal", "random"]), ``method`` ("zero" | "mean" |
             "value:X"), ``sizes`` (1, 2, 4, ... 16384 and "all"), ``per_layer`` (False),
             ``random_draws`` (5), ``rank_all`` (False), ``tokens``, ``n_tokens``, ``seed``,
-            ``batch_size``, ``device``, ``backend``, ...
+            ``batch_size``, ``device``, ``backend``, ...; ``family`` / ``seeds`` / ``step`` /
+            ``families_file`` / ``safetensors_only`` as for :func:`correlate`.
 
     Returns:
         The :class:`~unineurons.run.Run`; ``run.ablations`` holds every model's rows (losses
@@ -202,11 +244,14 @@ def ablate(run: Run | PathLike, *, config: Any = None, **options: Any) -> Run:
     from .analyses.ablate import AblateConfig, run_ablations
     from .rundir import RunDir
 
-    if "models" in options:
-        options["models"] = _listed(options["models"])
+    weights = _weights_rule(options)
+    models = _family(options, options.pop("models", None))
+    if models is not None:
+        options["models"] = models
     cfg = _config(AblateConfig, config, options)
     path = _run_path(run)
-    df = run_ablations(RunDir.open(path), cfg)
+    with weights:
+        df = run_ablations(RunDir.open(path), cfg)
     return Run(path, result=df)
 
 
@@ -222,7 +267,7 @@ def intervene(run: Run | PathLike, neurons: str | Sequence[str] | None = None, *
         config: an :class:`~unineurons.analyses.interventions.InterveneConfig` instead.
         **options: InterveneConfig fields: ``model`` (default the reference), ``values``
             ([-1, 0, 1, 2, 4, 6]), ``random_baseline`` (5 neurons), ``tokens``, ``n_tokens``,
-            ``seed``, ``batch_size``, ``device``.
+            ``seed``, ``batch_size``, ``device``; ``safetensors_only`` (refuse ``.bin``).
 
     Returns:
         The :class:`~unineurons.run.Run`; ``run.interventions`` holds every model's rows,
@@ -236,9 +281,11 @@ def intervene(run: Run | PathLike, neurons: str | Sequence[str] | None = None, *
 
     if neurons is not None:
         options["neurons"] = _listed(neurons)
+    weights = _weights_rule(options)
     cfg = _config(InterveneConfig, config, options)
     path = _run_path(run)
-    df = run_interventions(RunDir.open(path), cfg)
+    with weights:
+        df = run_interventions(RunDir.open(path), cfg)
     return Run(path, result=df)
 
 
@@ -256,7 +303,8 @@ def dynamics(out: PathLike, *, config: Any = None, say: Callable[[str], None] | 
             ``model_template`` + ``names``, ``seeds``, ``reference_seed``, ``steps``,
             ``tokens`` (required), ``n_tokens``, ``universal`` ("threshold" | "top:S"),
             ``threshold``, ``ablate`` (True: the CLI's ``--ablate`` with its defaults, sizes
-            1, 4, 16, 64, all and 3 draws; or an AblateConfig or a dict of its fields), ...
+            1, 4, 16, 64, all and 3 draws; or an AblateConfig or a dict of its fields), ...;
+            ``safetensors_only`` (refuse ``.bin`` weights).
 
     Returns:
         The :class:`~unineurons.run.Run` of ``out`` (``run.emergence``, ``run.persistence``,
@@ -278,8 +326,10 @@ def dynamics(out: PathLike, *, config: Any = None, say: Callable[[str], None] | 
                                          device=options.get("device", "cpu"))
     elif options.get("ablate") is False:
         options["ablate"] = None
+    weights = _weights_rule(options)
     cfg = _config(DynamicsConfig, config, options)
-    res = run_dynamics(cfg, out, say=say)
+    with weights:
+        res = run_dynamics(cfg, out, say=say)
     return Run(out, result=res)
 
 
@@ -308,52 +358,6 @@ def report(run: Run | PathLike, *, config: Any = None, **options: Any) -> Report
         options["formats"] = tuple(_listed(options["formats"]))
     cfg = _config(ReportConfig, config, options)
     return build_report(_run_path(run), cfg)
-
-
-@dataclass(frozen=True)
-class Zoo:
-    """A seed zoo folder (``train_zoo``): K GPT-2 models differing only in their seed.
-
-    Raises:
-        UnineuronsError: on construction, when ``path`` is not a zoo.
-    """
-
-    path: Path
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
-        self.info()  # refuses a folder that is not a zoo
-
-    def info(self) -> dict[str, Any]:
-        """Preset, model shape, steps, and per seed its checkpoints and last losses (nats)."""
-        from .zoo import zoo_info
-
-        return zoo_info(self.path)
-
-    @property
-    def seeds(self) -> list[int]:
-        """The zoo's seeds, sorted."""
-        return sorted(int(s) for s in self.info()["per_seed"])
-
-    def checkpoints(self) -> dict[int, dict[int, Path]]:
-        """``{seed: {step: checkpoint folder}}`` of every checkpoint written."""
-        from .zoo import zoo_checkpoints
-
-        return zoo_checkpoints(self.path)
-
-    def models(self, step: int | None = None, seeds: Sequence[int] | None = None) -> list[str]:
-        """Checkpoint folders of ``seeds`` (default all, sorted; the first is the reference)
-        at ``step`` (default the last step all of them have): the ``models`` of ``correlate``.
-
-        Raises:
-            UnineuronsError: a seed the zoo lacks, or a step some seed has no checkpoint of.
-        """
-        from .pipeline import zoo_models
-
-        return zoo_models(self.path, list(self.seeds if seeds is None else seeds), step)
-
-    def __fspath__(self) -> str:
-        return str(self.path)
 
 
 def train_zoo(tokens: PathLike, out: PathLike, *, preset: str = "tiny",

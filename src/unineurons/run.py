@@ -9,6 +9,8 @@ command that writes it. Tables and columns: ``docs/tables.md``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
     from .models.load import LoadedModel
     from .neuron import Neuron
 
-__all__ = ["Run", "TABLES", "UNIVERSAL_COLUMNS"]
+__all__ = ["Run", "Zoo", "TABLES", "UNIVERSAL_COLUMNS"]
 
 #: Every table a run directory can hold, and the command that writes it.
 TABLES: dict[str, str] = {
@@ -345,6 +347,52 @@ class Run:
         from .cards import run_html
 
         return run_html(self)
+
+
+@dataclass(frozen=True)
+class Zoo:
+    """A seed zoo folder (``train_zoo``): K GPT-2 models differing only in their seed.
+
+    Raises:
+        UnineuronsError: on construction, when ``path`` is not a zoo.
+    """
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        self.info()  # refuses a folder that is not a zoo
+
+    def info(self) -> dict[str, Any]:
+        """Preset, model shape, steps, and per seed its checkpoints and last losses (nats)."""
+        from .zoo import zoo_info
+
+        return zoo_info(self.path)
+
+    @property
+    def seeds(self) -> list[int]:
+        """The zoo's seeds, sorted."""
+        return sorted(int(s) for s in self.info()["per_seed"])
+
+    def checkpoints(self) -> dict[int, dict[int, Path]]:
+        """``{seed: {step: checkpoint folder}}`` of every checkpoint written."""
+        from .zoo import zoo_checkpoints
+
+        return zoo_checkpoints(self.path)
+
+    def models(self, step: int | None = None, seeds: Sequence[int] | None = None) -> list[str]:
+        """Checkpoint folders of ``seeds`` (default all, sorted; the first is the reference)
+        at ``step`` (default the last step all of them have): the ``models`` of ``correlate``.
+
+        Raises:
+            UnineuronsError: a seed the zoo lacks, or a step some seed has no checkpoint of.
+        """
+        from .pipeline import zoo_models
+
+        return zoo_models(self.path, list(self.seeds if seeds is None else seeds), step)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
 
 
 def _table_property(name: str) -> property:
