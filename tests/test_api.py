@@ -66,12 +66,15 @@ def test_correlate_and_report_stay_callable_after_their_subpackages_load():
     assert not Path("never").exists()
 
 
-def test_every_public_function_documents_errors_and_paper():
+def test_every_public_function_documents_returns_errors_and_paper():
     from unineurons import api
 
     for name in api.__all__:
         doc = inspect.getdoc(getattr(api, name)) or ""
-        assert "Raises:" in doc and ("Returns:" in doc or name == "Zoo"), name
+        assert "Raises:" in doc and "Returns:" in doc and "Args:" in doc, name
+    for name in ("correlate", "analyze", "ablate", "intervene", "dynamics"):
+        assert "Gurnee et al." in getattr(api, name).__doc__ or \
+            "Nandan et al." in getattr(api, name).__doc__, name
 
 
 def _same_default(cli, cfg) -> bool:
