@@ -14,12 +14,13 @@ rather than its first files; the same input gives the same tokenizer.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import re
-import weakref
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -200,10 +201,8 @@ def _compute_token_bytes(tokenizer: Any) -> list[bytes]:
         for i, p in enumerate(pieces):
             if i in added or p is None:
                 continue
-            try:
+            with contextlib.suppress(KeyError):  # not in the byte alphabet: decoder's text
                 out[i] = bytes(inv[c] for c in p)
-            except KeyError:
-                pass
     if "ByteFallback" in kinds:  # SentencePiece: <0xNN> is one raw byte
         for i, p in enumerate(pieces):
             m = _BYTE_PIECE.fullmatch(p or "")
@@ -227,15 +226,11 @@ def token_bytes(tokenizer: Any) -> list[bytes]:
     stays text), and any other token the decoder's text for it after an anchor token (so a
     SentencePiece ``▁in`` is `` in``). Cached per tokenizer object.
     """
-    try:
+    with contextlib.suppress(KeyError, TypeError):
         return _CACHE[tokenizer]
-    except (KeyError, TypeError):
-        pass
     out = _compute_token_bytes(tokenizer)
-    try:
+    with contextlib.suppress(TypeError):  # not weak-referenceable: no cache
         _CACHE[tokenizer] = out
-    except TypeError:  # not weak-referenceable: no cache
-        pass
     return out
 
 
