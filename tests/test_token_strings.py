@@ -172,4 +172,4 @@ def test_vocab_table_shows_the_space(tmp_path):
     words = {i: p for p, i in t.get_vocab().items() if p.startswith("▁") and len(p) > 2}
     assert len(words) > 5
     for i, p in words.items():  # e.g. ▁the reads " the"
-        assert set(df.loc[df.token_id == i, "token"]) == {" " + p[1:]}
+        assert set(df.loc[df.token_id == i, "token"]) == {p.replace("▁", " ")}
