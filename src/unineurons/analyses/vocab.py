@@ -260,7 +260,7 @@ def vocab_table(m: LoadedModel, tokenizer: Any | None = None,
 
     ad = m.adapter
     tok = tokenizer if tokenizer is not None else m.tokenizer
-    k = min(k, real_vocab_size(m, tok))
+    k = min(k, real_vocab_size(m, tokenizer))
     if neurons is None:
         by_layer = {layer: list(range(ad.d_mlp)) for layer in range(ad.n_layers)}
     else:
