@@ -73,9 +73,10 @@ def block_norm(m: LoadedModel, layer: int, which: Literal["mlp", "attn"]) -> nn.
 def _usable(tokenizer: Any | None) -> bool:
     """A tokenizer with more than its special tokens (transformers builds special-tokens-only
     tokenizers from folders that have no tokenizer files)."""
-    if tokenizer is None:
+    try:
+        return len(tokenizer) > len(set(getattr(tokenizer, "all_special_ids", []) or []))
+    except TypeError:  # None, or a bare decoder object: no size
         return False
-    return len(tokenizer) > len(set(getattr(tokenizer, "all_special_ids", []) or []))
 
 
 def real_vocab_size(m: LoadedModel, tokenizer: Any | None = None) -> int:
@@ -288,8 +289,13 @@ def vocab_table(m: LoadedModel, tokenizer: Any | None = None,
     df = pd.DataFrame({c: np.concatenate(v) if v else np.array([]) for c, v in cols.items()})
     df.insert(0, "model", m.name)
     uniq = [int(i) for i in np.unique(df["token_id"].to_numpy())]
-    strings = dict(zip(uniq, vocab_strings(tok, uniq) if tok is not None else [None] * len(uniq),
-                       strict=True))
+    if tok is None:
+        texts: list[str | None] = [None] * len(uniq)
+    elif hasattr(tok, "convert_ids_to_tokens"):
+        texts = list(vocab_strings(tok, uniq))
+    else:  # a bare object with decode([id]): its own strings
+        texts = [tok.decode([i]) for i in uniq]
+    strings = dict(zip(uniq, texts, strict=True))
     df.insert(df.columns.get_loc("token_id") + 1, "token", df["token_id"].map(strings))
     return df.astype({"layer": "int64", "neuron": "int64", "rank": "int64", "token_id": "int64",
                       "cosine": "float32"})
