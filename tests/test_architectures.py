@@ -202,3 +202,56 @@ def test_opt_350m_layout_is_refused(tmp_path):
     path = _save("opt", tmp_path / "opt350", cfg)
     with pytest.raises(UnineuronsError, match="opt-350m"):
         load_model(str(path), with_tokenizer=False)
+
+
+def test_attention_layout_reads_the_queries_and_keys(loaded):
+    """query_weights / bos_keys against the attention modules' own outputs; every family
+    gets scores (finite z for a later head), except query/key-normalised ones (NaN, no rows)."""
+    import numpy as np
+
+    from unineurons.analyses.attention import (_key_module, attention_scores, bos_keys,
+                                               head_shape, query_weights)
+
+    family, lm = loaded
+    ad, spec = lm.adapter, lm.adapter.spec
+    ctx = np.random.default_rng(0).integers(3, V, size=(4, 6))
+    per, rows = attention_scores(lm, ctx, n_random=50, z_threshold=0.0, seed=0)
+    assert len(per) == L * F
+    if spec.qk_norm:
+        assert per.attn_max_z.isna().all() and rows.empty and (per.attn_max_head == -1).all()
+        return
+    assert set(per.attn_max_head_layer[per.layer == 0]) == {1}
+    assert per.attn_max_z[per.layer == 0].notna().all() and len(rows) > 0
+    h, kv, dh = head_shape(lm)
+    key_mod = _key_module(lm, 1)
+    seen = {}
+    hook = key_mod.register_forward_hook(lambda _m, args, out: seen.update(x=args[0], out=out))
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=torch.as_tensor(ctx))
+    finally:
+        hook.remove()
+    x, out = seen["x"].double(), seen["out"].double()  # the normed attention input, its projection
+    bias0 = key_mod(torch.zeros(1, D)).double()[0]
+    q = torch.einsum("btd,hdk->bthk", x, query_weights(lm, 1).double())  # [B, T, h, dh]
+    if spec.attn_layout == "q_k_proj":
+        q_mod = ad.attn(1).q_proj
+        want = (q_mod(seen["x"]).double() - q_mod(torch.zeros(1, D)).double()[0])
+    else:
+        n_q = D if spec.attn_layout == "gpt2" else h * dh
+        if spec.attn_layout == "neox":
+            want = (out - bias0).reshape(*out.shape[:2], h, 3, dh)[..., 0, :]
+        else:
+            want = (out - bias0)[..., :n_q]
+    torch.testing.assert_close(q.reshape(*q.shape[:2], -1), want.reshape(*q.shape[:2], -1),
+                               atol=1e-5, rtol=1e-5)
+    keys = bos_keys(lm, ctx)  # [L, h, dh]: the key at position 0 (rotary is the identity there)
+    if spec.attn_layout == "q_k_proj":
+        k0 = out[:, 0].mean(0).reshape(kv, dh).repeat_interleave(h // kv, 0)
+    elif spec.attn_layout == "qkv_fused":
+        k0 = out[:, 0, h * dh:(h + kv) * dh].mean(0).reshape(kv, dh).repeat_interleave(h // kv, 0)
+    elif spec.attn_layout == "gpt2":
+        k0 = out[:, 0, D:2 * D].mean(0).reshape(h, dh)
+    else:
+        k0 = out[:, 0].mean(0).reshape(h, 3, dh)[:, 1]
+    torch.testing.assert_close(keys[1].double(), k0, atol=1e-5, rtol=1e-5)
