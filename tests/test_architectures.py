@@ -4,10 +4,14 @@ loaded the way users load them."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import transformers as T
 
+from unineurons.analyses.attention import _key_module, attention_scores, bos_keys, head_shape, query_weights
+from unineurons.analyses.interventions import final_norm_scale
+from unineurons.analyses.roles import RoleConfig, entropy_and_attention
 from unineurons.analyses.vocab import folded_unembed, in_directions, out_directions
 from unineurons.errors import UnineuronsError
 from unineurons.models import ARCHITECTURES, load_model
@@ -207,11 +211,6 @@ def test_opt_350m_layout_is_refused(tmp_path):
 def test_attention_layout_reads_the_queries_and_keys(loaded):
     """query_weights / bos_keys against the attention modules' own outputs; every family
     gets scores (finite z for a later head), except query/key-normalised ones (NaN, no rows)."""
-    import numpy as np
-
-    from unineurons.analyses.attention import (_key_module, attention_scores, bos_keys,
-                                               head_shape, query_weights)
-
     family, lm = loaded
     ad, spec = lm.adapter, lm.adapter.spec
     ctx = np.random.default_rng(0).integers(3, V, size=(4, 6))
@@ -255,3 +254,24 @@ def test_attention_layout_reads_the_queries_and_keys(loaded):
     else:
         k0 = out[:, 0].mean(0).reshape(h, 3, dh)[:, 1]
     torch.testing.assert_close(keys[1].double(), k0, atol=1e-5, rtol=1e-5)
+
+
+def test_entropy_and_attention_run_and_final_norm_scale(loaded):
+    """The analyze stage's weight analyses run on every family; the final-norm scale the
+    interventions report is the norm's own 1/std (LayerNorm, OLMo's included) or 1/rms."""
+    family, lm = loaded
+    ad = lm.adapter
+    ctx = np.random.default_rng(1).integers(3, V, size=(4, 8))
+    ctx[:, 0] = 0
+    cfg = RoleConfig(entropy_null_dims=1, entropy_min_null_frac=0.0, entropy_max_candidates=1,
+                     entropy_n_random=1, entropy_n_contexts=2, entropy_values=(0.0,),
+                     attn_n_random=20, attn_z=0.5)
+    cols, ent, _ = entropy_and_attention(lm, ctx, {"bos_id": 0, "eos_id": 1, "pad_id": 2},
+                                         None, cfg)
+    assert len(cols) == L * F and len(ent) > 0 and np.isfinite(ent.delta_loss).all()
+    x = torch.randn(5, D) * 3 + 1
+    norm = ad.final_norm()
+    got = final_norm_scale(norm, x, ad.spec.layernorm)
+    centred = x - x.mean(-1, keepdim=True) if ad.spec.layernorm else x
+    want = (_normalise(x, norm, ad.spec.layernorm) / centred.double())[:, 0]
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)

@@ -148,8 +148,14 @@ def test_join_pieces_is_incremental_utf8(pieces):
     out = join_pieces(pieces)
     assert len(out) == len(pieces)
     assert "".join(out) == b"".join(pieces).decode("utf-8", "replace")
-    for i, p in enumerate(pieces):  # a token never shows more text than its bytes could
-        assert len(out[i].encode("utf-8")) <= 3 * (sum(map(len, pieces[:i + 1])) + 1)
+    full = "".join(out)
+    for i in range(len(pieces) - 1):  # incremental: what a prefix of tokens shows is final
+        assert full.startswith("".join(out[:i + 1]))
+        try:  # a prefix ending on a character boundary shows exactly its text
+            text = b"".join(pieces[:i + 1]).decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        assert "".join(out[:i + 1]) == text
 
 
 def test_vocab_table_shows_the_space(tmp_path):
