@@ -275,3 +275,14 @@ def test_entropy_and_attention_run_and_final_norm_scale(loaded):
     centred = x - x.mean(-1, keepdim=True) if ad.spec.layernorm else x
     want = (_normalise(x, norm, ad.spec.layernorm) / centred.double())[:, 0]
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_plan_reads_every_family_config(loaded):
+    """`unineurons correlate --estimate` sizes a model from its config alone: the names of
+    layers / MLP width differ per family (n_layer, ffn_dim, intermediate_size...)."""
+    from unineurons.correlate.estimate import shape_from_config
+
+    _, lm = loaded
+    s = shape_from_config(lm.spec.location)
+    assert (s.n_layers, s.d_mlp, s.d_model, s.vocab_size) == (L, F, D, V)
+    assert s.n_params == sum(p.numel() for p in lm.model.parameters())
