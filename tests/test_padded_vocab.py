@@ -4,6 +4,8 @@ enter vocab.parquet's lists nor the vocabulary moments, whatever their values.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -127,3 +129,44 @@ def test_padding_rows_never_in_the_lists_nor_the_moments(padded):
         assert not np.allclose(vocab_moments(padded, "out")["kurt"], before["out"]["kurt"])
     finally:
         padded.adapter.set_n_vocab(N_TOK)
+
+
+def test_analyze_cli_on_a_padded_model(tiny_tokenizer, tiny_store, tmp_path):
+    """`unineurons analyze` on a padded NeoX: vocab.parquet holds real token ids only, the
+    moments in neurons.parquet are over them, and the manifest records n_vocab."""
+    import json
+    import shutil
+
+    import pandas as pd
+    from conftest import TINY_CTX, TINY_VOCAB
+
+    from unineurons.cli import main
+
+    path = tmp_path / "pythia"
+    torch.manual_seed(1)
+    m = GPTNeoXForCausalLM(GPTNeoXConfig(
+        num_hidden_layers=2, hidden_size=D, num_attention_heads=2, intermediate_size=F,
+        vocab_size=TINY_VOCAB + 64, max_position_embeddings=TINY_CTX, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=1))
+    with torch.no_grad():
+        m.get_output_embeddings().weight[TINY_VOCAB:] = 50 * torch.randn(64, D)
+        m.get_input_embeddings().weight[TINY_VOCAB:] = 50 * torch.randn(64, D)
+    m.save_pretrained(path)
+    for f in Path(tiny_tokenizer).iterdir():
+        shutil.copy(f, path / f.name)
+    out = tmp_path / "run"
+    try:
+        main(["analyze", "--model", str(path), "--tokens", str(tiny_store), "--out", str(out),
+              "--n-tokens", "1024", "--top-k", "2", "--unigram-top-n", "8", "--vocab-k", "5",
+              "--role", "entropy_max_candidates=0", "--role", "entropy_n_random=0"])
+    except SystemExit as e:
+        assert not e.code
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["analyze"]["n_vocab"] == {str(path): TINY_VOCAB}
+    vocab = pd.read_parquet(out / "vocab.parquet")
+    assert len(vocab) > 0 and vocab.token_id.max() < TINY_VOCAB
+    lm = load_model(str(path), with_tokenizer=False)
+    lm.adapter.set_n_vocab(TINY_VOCAB)
+    want = vocab_moments(lm, "out")["kurt"]  # checked against numpy above
+    neurons = pd.read_parquet(out / "neurons.parquet").sort_values(["layer", "neuron"])
+    np.testing.assert_allclose(neurons.vocab_kurt.to_numpy().reshape(2, F), want, rtol=1e-5)
