@@ -179,3 +179,20 @@ def test_vocab_table_shows_the_space(tmp_path):
     assert len(words) > 5
     for i, p in words.items():  # e.g. ▁the reads " the"
         assert set(df.loc[df.token_id == i, "token"]) == {p.replace("▁", " ")}
+
+
+@settings(max_examples=40, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("abcehilnst ,\n€é字😀")), min_size=1,
+                    max_size=30))
+def test_any_text_round_trips(tok, text):
+    """Whatever the text (multi-byte characters split into byte tokens included), its token
+    strings concatenate to it, and the tokenizer's own decode agrees."""
+    style, t = tok
+    ids = _ids(t, text)
+    joined = "".join(token_strings(t, ids))
+    if style == "byte_level":
+        assert joined == text
+    else:  # the prepended SentencePiece space, if the tokenizer added one
+        assert joined in (text, " " + text)
+        assert joined[1:] == t.decode(ids, skip_special_tokens=False,
+                                      clean_up_tokenization_spaces=False)
