@@ -50,21 +50,26 @@ import torch
 from .maxcorr import ZERO_VAR
 
 __all__ = ["cka_from_cov", "ridge_r2_from_corr", "layer_pair_similarity", "unit_similarity",
-           "similarity_work_bytes", "LAMBDAS", "SIM_TILES"]
+           "similarity_work_bytes", "LAMBDAS", "SIM_TILES", "SIM_CROSS"]
 
 #: Ridge penalties tried (in units of the mean eigenvalue of a correlation matrix, i.e. 1).
 LAMBDAS = tuple(10.0 ** (e / 4) for e in range(-16, 9))
 #: float64 working copies of size max(d_a, d_b)² that :func:`unit_similarity` holds at once
-#: (correlation tile, rotated tile, standardised covariance, eigenvectors, P and P², ...).
-SIM_TILES = 8
+#: beyond the cached eigenvectors (eigendecomposition workspace, rotated covariance products),
+#: plus ``SIM_CROSS`` of size d_a x d_b (ρ, projections and their squares). Measured with the
+#: torch profiler (peak live bytes; tests/test_plan.py's helper): 7.0 max-tiles for one
+#: 256 x 256 row layer, 8.0 for two 384 x 384 row layers, 3.6 / 3.9 for 512 x 128 / 128 x 512;
+#: the count below is 8.0, 9.0, 5.8 and 4.9 of them.
+SIM_TILES = 4
+SIM_CROSS = 3
 
 
 def similarity_work_bytes(l0: int, l1: int, d_a: int, d_b: int) -> int:
     """Bytes of working memory of :func:`unit_similarity` for a block of layers ``[l0, l1)``
     of a model with ``d_a`` neurons per layer against one with ``d_b``: the cached source-side
-    eigendecompositions of the block's layers plus ``SIM_TILES`` layer-pair tiles."""
-    d = max(d_a, d_b)
-    return 8 * ((l1 - l0) * (d_a * d_a + d_a) + SIM_TILES * d * d)
+    eigendecompositions of the block's layers plus the working copies of one layer pair."""
+    return 8 * ((l1 - l0) * (d_a * d_a + d_a) + SIM_TILES * max(d_a, d_b) ** 2
+                + SIM_CROSS * d_a * d_b)
 
 
 def cka_from_cov(c_ab: torch.Tensor, c_aa: torch.Tensor, c_bb: torch.Tensor, n: float
