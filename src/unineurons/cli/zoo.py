@@ -26,6 +26,14 @@ def zoo_train(
                                "micro (tests), tiny (demo), small (research)."),
     seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated distinct seeds; each "
                               "sets both the initial weights and the data order of one model."),
+    init_seeds: str | None = typer.Option(None, "--init-seeds", help="With --data-seeds: train "
+                                          "the seed grid instead of --seeds, one model "
+                                          "init{I}-data{D} per pair (initial weights from seed I, "
+                                          "data order from seed D), e.g. 0,1,2."),
+    data_seeds: str | None = typer.Option(None, "--data-seeds", help="Data-order seeds of the "
+                                          "grid (see --init-seeds), e.g. 0,1,2."),
+    grid_pairs: str | None = typer.Option(None, "--grid-pairs", help="Only these INIT:DATA "
+                                          "pairs of the grid, e.g. 0:0,0:1,1:0 (default: all)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps per seed "
                                      "(default: the preset's)."),
     checkpoints: str | None = typer.Option(None, "--checkpoints", help="Comma-separated steps "
@@ -44,10 +52,21 @@ def zoo_train(
                                           "steps and at each checkpoint (default: the preset's)."),
 ) -> None:
     """Train one GPT-2 per seed; rerunning the same command resumes from the last checkpoints."""
+    from ..errors import UnineuronsError
     from ..zoo import parse_int_list, train_zoo, zoo_info
+    from ..zoo.config import grid_members, parse_pairs
     from . import console
 
-    seed_list = parse_int_list(seeds, "--seeds")
+    if (init_seeds is None) != (data_seeds is None):
+        raise UnineuronsError("--init-seeds and --data-seeds go together; give both (or --seeds)")
+    if init_seeds is not None and data_seeds is not None:
+        seed_list = grid_members(parse_int_list(init_seeds, "--init-seeds"),
+                                 parse_int_list(data_seeds, "--data-seeds"),
+                                 None if grid_pairs is None else parse_pairs(grid_pairs))
+    elif grid_pairs is not None:
+        raise UnineuronsError("--grid-pairs needs --init-seeds and --data-seeds")
+    else:
+        seed_list = parse_int_list(seeds, "--seeds")
     ckpt_list = None if checkpoints is None else parse_int_list(checkpoints, "--checkpoints")
     path = train_zoo(tokens, out, preset=preset, seeds=seed_list, steps=steps,
                      checkpoints=ckpt_list, heldout=heldout, workers=workers, lr=lr,

@@ -26,7 +26,8 @@ import pandas as pd
 from ..errors import UnineuronsError
 from ..rundir import RunDir
 
-__all__ = ["KINDS", "partner_kind", "model_seeds", "partner_kinds_table", "write_partner_kinds"]
+__all__ = ["KINDS", "partner_kind", "model_seeds", "partner_kinds_table", "write_partner_kinds",
+           "write_dynamics_partner_kinds"]
 
 KINDS = ("same-init", "same-data", "both-different", "identical")
 
@@ -131,3 +132,22 @@ def write_partner_kinds(run: str | Path | RunDir, seeds: dict[str, Seeds] | None
     df = partner_kinds_table(rd.read_table("matches"), given, threshold)
     rd.write_table("partner_kinds", df)
     return df
+
+
+def write_dynamics_partner_kinds(run: RunDir, step_runs: dict[int, Path]) -> pd.DataFrame | None:
+    """``partner_kinds.parquet`` of a dynamics run: each step's run directory's table (written
+    by its correlate stage when the models' seeds are recorded) with a ``step`` column, in
+    ascending steps. None (and no table; an old one removed) when no step has one."""
+    parts = []
+    for t in sorted(step_runs):
+        p = Path(step_runs[t]) / "partner_kinds.parquet"
+        if p.is_file():
+            df = pd.read_parquet(p)
+            parts.append(df.assign(step=t)[["step"] + list(df.columns)])
+    if not parts:
+        if run.has_table("partner_kinds"):
+            run.table_path("partner_kinds").unlink()
+        return None
+    out = pd.concat(parts, ignore_index=True)
+    run.write_table("partner_kinds", out)
+    return out
