@@ -135,6 +135,17 @@ def test_partner_kinds_match_direct_computation(grid, tiny_store, tmp_path):
 
         partner_kinds_table(m, {ref: (0, 0)}, 0.5)
     assert partner_kind((0, 0), (0, 0)) == "identical"
+    # the report draws the four figures of these tables, numbers in their captions
+    from unineurons.report.figures import make_figures
+    from unineurons.rundir import RunDir
+
+    ids = ["layer_cka", "neuron_basis", "mutual_best", "partner_kinds"]
+    drawn, skipped = make_figures(RunDir.open(tmp_path / "run"), formats=("png",), dpi=50, only=ids)
+    assert sorted(d.id for d in drawn) == sorted(ids), skipped
+    for d in drawn:
+        assert (tmp_path / "run" / d.files[0]).is_file() and any(c.isdigit() for c in d.caption)
+    cap = next(d.caption for d in drawn if d.id == "partner_kinds")
+    assert "same-init (1 partner(s))" in cap and "both-different" in cap
 
 
 def test_two_partners_of_a_kind_average(tmp_path):
@@ -181,3 +192,20 @@ def test_seeds_grid_builtin_config():
     assert "init_seeds" not in ZooStage().model_dump()
     with pytest.raises(UnineuronsError, match="no built-in config"):
         builtin_config("nope")
+
+
+def test_dynamics_follows_partner_kinds_over_checkpoints(grid, tiny_store, tmp_path):
+    from unineurons.analyses.dynamics import DynamicsConfig, run_dynamics
+
+    order = ["init0-data0", "init0-data1", "init1-data0", "init1-data1"]
+    cfg = DynamicsConfig(model_template=f"{grid}/{{name}}/step{{step}}", names=order,
+                         steps=[2, STEPS], tokens=str(tiny_store), n_tokens=512, batch_size=4,
+                         universal="top:0.1")
+    run_dynamics(cfg, tmp_path / "dyn")
+    pk = pd.read_parquet(tmp_path / "dyn" / "partner_kinds.parquet")
+    assert sorted(pk.step.unique()) == [2, STEPS]
+    for t in (2, STEPS):
+        one = pd.read_parquet(tmp_path / "dyn" / "steps" / f"step{t}" / "partner_kinds.parquet")
+        got = pk[pk.step == t].drop(columns="step").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got, one)
+    assert set(pk.partner_kind) == {"same-init", "same-data", "both-different"}
