@@ -126,6 +126,13 @@ def test_partner_kinds_match_direct_computation(grid, tiny_store, tmp_path):
             assert row.n_partners == 1 and row.neurons == len(e)
             assert row.mean_excess_corr == pytest.approx(e.mean(), abs=1e-6)  # float32 columns
             assert row.universal_share == pytest.approx((e > 0.1).mean(), abs=1e-12)
+    # per neuron: the excess over that kind's partner, in neurons.parquet
+    nn = pd.read_parquet(tmp_path / "run" / "neurons.parquet")
+    nn = nn[nn.model == ref].sort_values(["layer", "neuron"])
+    for partner, kind in kind_of.items():
+        sub = m[(m.model == ref) & (m.partner == partner)].sort_values(["layer", "neuron"])
+        np.testing.assert_allclose(nn[f"excess_corr_{kind.replace('-', '_')}"],
+                                   sub.max_corr - sub.baseline_corr, atol=1e-6)
     # the explicit mapping (hub families) gives the same table; a missing model is one line
     seeds = {str(ck[mm][STEPS]): member_seeds(mm) for mm in order}
     again = write_partner_kinds(tmp_path / "run", seeds)

@@ -139,10 +139,8 @@ def write_extras(run: RunDir, names: list[str], shapes: list[ModelShape], plan: 
                                           and c not in ("model", "layer")])
             run.write_table("layers", layers.merge(per, on=["model", "layer"], how="left"))
     if locations is not None and run.has_table("matches"):
-        from .partner_kinds import model_seeds, partner_kinds_table
+        from .partner_kinds import model_seeds, write_partner_kinds
 
         seeds = {n: model_seeds(loc) for n, loc in zip(names, locations, strict=True)}
         if all(s is not None for s in seeds.values()):
-            pk = partner_kinds_table(run.read_table("matches"), seeds, threshold)  # type: ignore[arg-type]
-            if len(pk):
-                run.write_table("partner_kinds", pk)
+            write_partner_kinds(run, seeds, threshold)  # type: ignore[arg-type]

@@ -27,6 +27,7 @@ from ..errors import UnineuronsError
 from ..rundir import RunDir
 
 __all__ = ["KINDS", "partner_kind", "model_seeds", "partner_kinds_table", "write_partner_kinds",
+           "neuron_kind_columns",
            "write_dynamics_partner_kinds"]
 
 KINDS = ("same-init", "same-data", "both-different", "identical")
@@ -112,6 +113,23 @@ def partner_kinds_table(matches: pd.DataFrame, seeds: dict[str, Seeds], threshol
     return out.reset_index(drop=True)
 
 
+def neuron_kind_columns(matches: pd.DataFrame, seeds: dict[str, Seeds]) -> pd.DataFrame:
+    """Per neuron (``model, layer, neuron``) the excess correlation over each partner kind's
+    partners only: columns ``excess_corr_same_init``, ``excess_corr_same_data``,
+    ``excess_corr_both_different`` (NaN where the model has no partner of that kind)."""
+    m = matches[["model", "partner", "layer", "neuron", "max_corr", "baseline_corr"]].copy()
+    m["partner_kind"] = [partner_kind(seeds[a], seeds[b])
+                         for a, b in zip(m["model"], m["partner"], strict=True)]
+    m["excess"] = m["max_corr"] - m["baseline_corr"]
+    wide = m.pivot_table(index=["model", "layer", "neuron"], columns="partner_kind",
+                         values="excess", aggfunc="mean")
+    out = pd.DataFrame(index=wide.index)
+    for k in KINDS[:3]:
+        col = wide[k] if k in wide.columns else np.nan
+        out[f"excess_corr_{k.replace('-', '_')}"] = col
+    return out.reset_index()
+
+
 def write_partner_kinds(run: str | Path | RunDir, seeds: dict[str, Seeds] | None = None,
                         threshold: float | None = None) -> pd.DataFrame:
     """Write ``partner_kinds.parquet`` of a finished correlate run and return it.
@@ -129,8 +147,10 @@ def write_partner_kinds(run: str | Path | RunDir, seeds: dict[str, Seeds] | None
                 given[mod["spec"]] = s
     if threshold is None:
         threshold = float(man.get("correlate", {}).get("config", {}).get("threshold", 0.5))
-    df = partner_kinds_table(rd.read_table("matches"), given, threshold)
+    matches = rd.read_table("matches")
+    df = partner_kinds_table(matches, given, threshold)
     rd.write_table("partner_kinds", df)
+    rd.update_neurons(neuron_kind_columns(matches, given))
     return df
 
 
