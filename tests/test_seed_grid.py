@@ -216,3 +216,27 @@ def test_dynamics_follows_partner_kinds_over_checkpoints(grid, tiny_store, tmp_p
         got = pk[pk.step == t].drop(columns="step").reset_index(drop=True)
         pd.testing.assert_frame_equal(got, one)
     assert set(pk.partner_kind) == {"same-init", "same-data", "both-different"}
+
+
+def test_partner_kinds_cli_with_explicit_seeds(tmp_path, capsys):
+    """Hub families: seeds given on the command line (strings compare as given)."""
+    from unineurons.rundir import RunDir
+
+    run = RunDir.create(tmp_path / "run")
+    rows = [{"model": "org/m-seed0", "partner": p, "layer": 0, "neuron": n, "max_corr": v,
+             "baseline_corr": 0.1}
+            for p, vals in (("org/m-data-seed1", [0.9, 0.3]), ("org/m-weight-seed1", [0.2, 0.4]))
+            for n, v in enumerate(vals)]
+    run.write_table("matches", pd.DataFrame(rows))
+    args = ["zoo", "partner-kinds", str(run.path), "--member-seeds", "org/m-seed0=orig:orig",
+            "--member-seeds", "org/m-data-seed1=orig:d1", "--member-seeds", "org/m-weight-seed1=w1:orig"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code in (0, None)
+    pk = pd.read_parquet(run.path / "partner_kinds.parquet")
+    assert set(pk.partner_kind) == {"same-init", "same-data"}
+    assert pk.set_index("partner_kind").loc["same-init", "mean_excess_corr"] == pytest.approx(0.5)
+    assert "same-init" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["zoo", "partner-kinds", str(run.path), "--member-seeds", "org/m-seed0"])
+    assert e.value.code == 1 and "MODEL=INIT:DATA" in capsys.readouterr().err

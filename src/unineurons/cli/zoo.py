@@ -85,6 +85,34 @@ def zoo_info_cmd(
     _print_info(zoo_info(zoo), console)
 
 
+@zoo_app.command("partner-kinds")
+def zoo_partner_kinds(
+    run: Path = typer.Argument(..., help="Run directory of a finished correlate stage."),
+    member_seeds: list[str] = typer.Option([], "--member-seeds", help="MODEL=INIT:DATA for a "
+                                           "model whose seeds no folder records (e.g. "
+                                           "EleutherAI/pythia-160m-data-seed1=1234:1), repeatable; "
+                                           "the model spec exactly as given to correlate."),
+) -> None:
+    """Universality per partner kind (same init / same data order / both different) of a
+    correlate run: writes partner_kinds.parquet and the per-kind excess columns of
+    neurons.parquet. Zoo members' seeds are read from their folders."""
+    from ..correlate.partner_kinds import write_partner_kinds
+    from ..errors import UnineuronsError
+    from . import console
+
+    seeds: dict[str, tuple[int | str, int | str]] = {}
+    for item in member_seeds:
+        spec, eq, pair = item.rpartition("=")
+        init, colon, data = pair.partition(":")
+        if not eq or not colon or not spec or not init or not data:
+            raise UnineuronsError(f"--member-seeds {item!r}: give MODEL=INIT:DATA")
+        seeds[spec] = (init, data)
+    df = write_partner_kinds(run, seeds)
+    for (kind, layer), g in df.groupby(["partner_kind", "layer"], sort=False):
+        console.print(f"{kind:15s} L{layer}: mean excess {g['mean_excess_corr'].mean():.3f}, "
+                      f"universal {100 * g['universal_share'].mean():.1f}%", highlight=False)
+
+
 def _print_info(info: dict, console) -> None:
     from rich.table import Table
 
