@@ -52,8 +52,9 @@ from .maxcorr import ZERO_VAR
 __all__ = ["cka_from_cov", "ridge_r2_from_corr", "layer_pair_similarity", "unit_similarity",
            "similarity_work_bytes", "LAMBDAS", "SIM_TILES", "SIM_CROSS"]
 
-#: Ridge penalties tried (in units of the mean eigenvalue of a correlation matrix, i.e. 1).
-LAMBDAS = tuple(10.0 ** (e / 4) for e in range(-16, 9))
+#: Ridge penalties tried (in units of the mean eigenvalue of a correlation matrix, i.e. 1):
+#: 1e-6 to 1e2, four per decade.
+LAMBDAS = tuple(10.0 ** (e / 4) for e in range(-24, 9))
 #: float64 working copies of size max(d_a, d_b)² that :func:`unit_similarity` holds at once
 #: beyond the cached eigenvectors (eigendecomposition workspace, rotated covariance products),
 #: plus ``SIM_CROSS`` of size d_a x d_b (ρ, projections and their squares). Measured with the

@@ -39,6 +39,10 @@ def _layer_cka(t: Tables, opts: dict) -> Drawn:
         im = ax.imshow(m.to_numpy(float), vmin=0, vmax=1, cmap="viridis", origin="lower")
         ax.set_xticks(range(m.shape[1]), [str(c) for c in m.columns])
         ax.set_yticks(range(m.shape[0]), [str(r) for r in m.index])
+        if m.shape[0] * m.shape[1] <= 64:  # small maps: the values in the cells
+            for (r, c), v in np.ndenumerate(m.to_numpy(float)):
+                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="black" if v > 0.6 else "white")
         ax.set_xlabel(f"layer of {t.short(p)}")
         ax.set_ylabel(f"layer of {t.short(ref)}")
         ax.grid(False)
