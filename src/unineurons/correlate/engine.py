@@ -298,8 +298,8 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     neurons, layers = finalize(run, cfg, models, store, plan, shapes, all_results, layercov,
                                kept_tokens=kept, n_contexts=n_ctx, config_hash=chash,
                                elapsed_s=elapsed)
-    write_extras(run, [m.name for m in models], shapes, plan, all_results, cfg.threshold,
-                 [m.spec.location for m in models])
+    neurons, layers = write_extras(run, [m.name for m in models], shapes, plan, all_results,
+                                   cfg.threshold, [m.spec.location for m in models])
     # results are in the run directory now; the resumable state is no longer needed
     for f in run.state_dir.glob("*.safetensors"):
         f.unlink()

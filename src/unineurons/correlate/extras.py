@@ -113,10 +113,11 @@ def _matching_frame(names: list[str], shapes: list[ModelShape], plan: Plan,
 
 def write_extras(run: RunDir, names: list[str], shapes: list[ModelShape], plan: Plan,
                  res: dict[str, torch.Tensor], threshold: float,
-                 locations: list[str] | None = None) -> None:
+                 locations: list[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write ``layer_similarity.parquet``, add the matching columns to ``matches.parquet`` and
-    their per-layer shares to ``layers.parquet``, and write ``partner_kinds.parquet`` when
-    the seeds of every model are recorded (``locations``: the models' folders)."""
+    their per-layer shares to ``layers.parquet``, and write ``partner_kinds.parquet`` (and the
+    per-kind excess columns of ``neurons.parquet``) when the seeds of every model are recorded
+    (``locations``: the models' folders). Returns the updated neurons and layers tables."""
     sim = layer_similarity_table(names, plan, res)
     if len(sim):
         run.write_table("layer_similarity", sim)
@@ -144,3 +145,4 @@ def write_extras(run: RunDir, names: list[str], shapes: list[ModelShape], plan: 
         seeds = {n: model_seeds(loc) for n, loc in zip(names, locations, strict=True)}
         if all(s is not None for s in seeds.values()):
             write_partner_kinds(run, seeds, threshold)  # type: ignore[arg-type]
+    return run.read_table("neurons"), run.read_table("layers")
