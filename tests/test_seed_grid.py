@@ -201,6 +201,16 @@ def test_seeds_grid_builtin_config():
         builtin_config("nope")
 
 
+def test_run_builtin_cli_errors(tmp_path, capsys):
+    for args, msg in ((["run"], "give a CONFIG file or --builtin NAME"),
+                      (["run", "--builtin", "nope", "--out", str(tmp_path / "o")],
+                       "no built-in config 'nope'")):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        assert e.value.code == 1 and msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_dynamics_follows_partner_kinds_over_checkpoints(grid, tiny_store, tmp_path):
     from unineurons.analyses.dynamics import DynamicsConfig, run_dynamics
 
