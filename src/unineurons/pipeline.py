@@ -67,6 +67,25 @@ class ZooStage(_Section):
     workers: int | None = Field(None, ge=1, description="Training processes (default: cores).")
     lr: float | None = Field(None, gt=0, description="Peak learning rate override.")
     batch_size: int | None = Field(None, ge=1, description="Contexts per step override.")
+    init_seeds: list[int] | None = Field(None, description="With data_seeds: train the seed "
+                                         "grid init{I}-data{D} instead of seeds.")
+    data_seeds: list[int] | None = Field(None, description="Data-order seeds of the grid.")
+
+    def members(self) -> list:
+        """The zoo's members: ``seeds``, or the grid's ``init{I}-data{D}`` names."""
+        if self.init_seeds is None and self.data_seeds is None:
+            return list(self.seeds)
+        from .zoo.config import grid_members
+
+        if self.init_seeds is None or self.data_seeds is None:
+            raise UnineuronsError("config [zoo]: init_seeds and data_seeds go together")
+        return grid_members(self.init_seeds, self.data_seeds)
+
+    def model_dump(self, **kw: Any) -> dict[str, Any]:
+        # unset grid fields stay out of the stage hash: configs without them are reused as before
+        d = super().model_dump(**kw)
+        return {k: v for k, v in d.items()
+                if not (k in ("init_seeds", "data_seeds") and v is None)}
 
 
 class CorrelateStage(_Section):
@@ -137,10 +156,10 @@ def load_config(path: str | Path | None = None, text: str | None = None,
 
 
 def builtin_config(name: str) -> str:
-    """Text of a config shipped with the package (``demo``, ``micro``)."""
-    f = resources.files("unineurons") / "configs" / f"{name}.toml"
+    """Text of a config shipped with the package (``demo``, ``micro``, ``seeds-grid``)."""
+    f = resources.files("unineurons") / "configs" / f"{name.replace('-', '_')}.toml"
     if not f.is_file():
-        raise UnineuronsError(f"no built-in config {name!r}; choose demo or micro")
+        raise UnineuronsError(f"no built-in config {name!r}; choose demo, micro or seeds-grid")
     return f.read_text()
 
 
@@ -218,7 +237,7 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print,
         z = cfg.zoo
         over = {k: v for k, v in (("lr", z.lr), ("batch_size", z.batch_size)) if v is not None}
         r.stage("zoo", z, [zoo_dir / "zoo.json"],
-                lambda: train_zoo(train_dir, zoo_dir, preset=z.preset, seeds=tuple(z.seeds),
+                lambda: train_zoo(train_dir, zoo_dir, preset=z.preset, seeds=tuple(z.members()),
                                   steps=z.steps, checkpoints=z.checkpoints, heldout=held_dir,
                                   workers=z.workers, **over))
         show("zoo", zoo_info(zoo_dir))
@@ -286,7 +305,9 @@ def _correlate(cfg: PipelineConfig, zoo_dir: Path, held_dir: Path, run_dir: Path
 
     c = cfg.correlate
     assert c is not None and cfg.zoo is not None
-    seeds = [c.reference_seed] + [s for s in cfg.zoo.seeds if s != c.reference_seed]
+    members = cfg.zoo.members()  # a seed grid's reference is its first member
+    ref = c.reference_seed if c.reference_seed in members else members[0]
+    seeds = [ref] + [s for s in members if s != ref]
     cc = CorrelateConfig(models=zoo_models(zoo_dir, seeds, c.step), tokens=str(held_dir),
                          n_tokens=c.n_tokens, pairs=c.pairs, threshold=c.threshold,
                          batch_size=c.batch_size, memory_budget=c.memory_budget, dtype=c.dtype)

@@ -43,6 +43,7 @@ from .families import (
 )
 from .interventions import load_run_model, run_contexts, run_model_entries, write_model_rows
 from .roles import RoleConfig, entropy_and_attention, role_columns
+from .vocab import real_vocab_size
 
 __all__ = ["AnalyzeConfig", "AnalyzeResult", "analyze", "analyze_run", "analyze_models",
            "select_neurons", "STAT_COLUMNS"]
@@ -260,6 +261,8 @@ def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, sp
         load_feature_module(path)
     classes = get_features(cfg.features, [token_class_from_file(p) for p in cfg.token_classes])
     vocab, tokenizer = _vocabulary(special, models)
+    for m in models:  # padded vocabularies: W_U / W_E statistics over real token ids only
+        real_vocab_size(m, tokenizer)
     feats = build_family_features(contexts, special, vocab, cfg.unigram_top_n, classes, mask)
     table = run.read_table("neurons") if run.has_table("neurons") else None
     subsets = [select_neurons(m.name, m.adapter.n_layers, m.adapter.d_mlp, cfg.neurons,
@@ -293,6 +296,7 @@ def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, sp
     run.update_manifest(analyze={
         "config": cfg.model_dump(mode="json"), "models": specs, "tokens": tokens_info,
         "mask": vars(mask), "unigram_tokens": [int(i) for i in feats.unigram_ids],
+        "n_vocab": {m.name: real_vocab_size(m) for m in models},
         "class_features": [f.name for f in classes],
         "n_family_neurons": {m.name: int(len(s)) for m, s in zip(models, subsets, strict=True)},
         "notes": notes, "elapsed_s": round(time.perf_counter() - t0, 3)})

@@ -354,6 +354,9 @@ def run_dynamics(cfg: DynamicsConfig, out: str | Path,
         run.write_table("dynamics_ablations", abl)
     elif run.has_table("dynamics_ablations"):
         run.table_path("dynamics_ablations").unlink()  # from an earlier run with ablations
+    from ..correlate.partner_kinds import write_dynamics_partner_kinds  # init vs data order
+
+    write_dynamics_partner_kinds(run, {t: run.path / "steps" / f"step{t}" for t in steps})
     kind, share = parse_universal(cfg.universal)
     elapsed = time.time() - t0
     run.update_manifest(versions=package_versions(), dynamics={

@@ -210,15 +210,16 @@ def target_mask(tokens: torch.Tensor, special: dict) -> torch.Tensor:
     return keep
 
 
-def final_norm_scale(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def final_norm_scale(norm: nn.Module, x: torch.Tensor, layernorm: bool | None = None
+                     ) -> torch.Tensor:
     """``x [..., d_model]`` (the final norm's input) -> ``[...]``, the factor the norm
     multiplies its (centred) input by: 1 / sqrt(var + eps) for LayerNorm, 1 / sqrt(mean(x^2)
     + eps) for RMSNorm. Smaller means a larger residual norm squashing the logits."""
     eps = getattr(norm, "eps", None)
     if eps is None:
-        eps = getattr(norm, "variance_epsilon", 0.0)  # Llama's RMSNorm
+        eps = getattr(norm, "variance_epsilon", 1e-5)  # Llama's RMSNorm; OLMo's fixed 1e-5
     x = x.float()
-    centred = isinstance(norm, nn.LayerNorm)
+    centred = isinstance(norm, nn.LayerNorm) if layernorm is None else layernorm  # OLMo: own class
     second = x.var(-1, unbiased=False) if centred else x.pow(2).mean(-1)  # [...]
     return torch.rsqrt(second + float(eps))
 
@@ -234,7 +235,8 @@ def _forward(m: LoadedModel, tokens: torch.Tensor, valid: torch.Tensor
     finally:
         handle.remove()
     logp = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)  # [n, V]
-    return logp, final_norm_scale(norm, seen["x"][:, :-1][valid])  # [n, V], [n]
+    return logp, final_norm_scale(norm, seen["x"][:, :-1][valid],
+                                  m.adapter.spec.layernorm)  # [n, V], [n]
 
 
 @torch.inference_mode()

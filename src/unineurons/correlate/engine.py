@@ -27,6 +27,7 @@ from ..rundir import RunDir
 from ..stream import MaskConfig, activation_stream
 from ..tokens import TokenStore
 from .config import CorrelateConfig
+from .extras import unit_extras, write_extras
 from .maxcorr import block_results
 from .plan import ModelShape, Plan, Unit, plan_units, stream_bytes
 from .rotation import rotation_for
@@ -282,6 +283,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
         for u in units:
             for k, v in _unit_results(u, st.co[u.key()], layercov, rots, shapes, cfg).items():
                 results[f"{u.key()}.{k}"] = v
+            results.update(unit_extras(u, st.co[u.key()], layercov, rots, shapes))
         save_tensors(run.state_dir / f"results.{p}.safetensors", results)
         # the pass is done: the next checkpoint starts the next pass from token 0
         save_checkpoint(ckpt_path, {}, {"config_hash": chash, "pass": p + 1, "cursor": 0,
@@ -296,6 +298,8 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     neurons, layers = finalize(run, cfg, models, store, plan, shapes, all_results, layercov,
                                kept_tokens=kept, n_contexts=n_ctx, config_hash=chash,
                                elapsed_s=elapsed)
+    neurons, layers = write_extras(run, [m.name for m in models], shapes, plan, all_results,
+                                   cfg.threshold, [m.spec.location for m in models])
     # results are in the run directory now; the resumable state is no longer needed
     for f in run.state_dir.glob("*.safetensors"):
         f.unlink()

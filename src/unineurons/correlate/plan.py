@@ -169,7 +169,9 @@ def work_bytes(u: Unit, shapes: list[ModelShape]) -> int:
     """Temporaries of block ``u`` beyond the block itself: the larger of a fold's cross
     product and the working copies of summarising it tile by tile (see ``WORK_TILE``)."""
     tile = shapes[u.a].d_mlp * shapes[u.b].d_mlp * F64
-    return max(u.nbytes(shapes), WORK_TILE * tile)
+    from .extras import extras_work_bytes  # layer similarity and matching of the block
+
+    return max(u.nbytes(shapes), WORK_TILE * tile, extras_work_bytes(u, shapes))
 
 
 @dataclass(frozen=True)

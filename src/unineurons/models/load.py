@@ -120,9 +120,9 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         if ms.local:
             raise UnineuronsError(f"model {ms.spec}: no readable config.json in the folder ({e})") from None
         raise _hub_error(ms, e) from None
-    if config.model_type not in ("gpt2", "gpt_neox", "llama"):
-        from .adapters import ARCHITECTURES
+    from .adapters import ARCHITECTURES
 
+    if config.model_type not in ARCHITECTURES:
         raise UnineuronsError(
             f"model {ms.spec}: architecture {config.model_type!r} is not supported; supported: "
             f"{', '.join(sorted(ARCHITECTURES))}"

@@ -358,5 +358,8 @@ def _full_cosines(t: Tables, model: str, layer: int, neuron: int, opts: dict
     except (UnineuronsError, OSError) as e:
         return None, [f"histogram over the whole vocabulary not drawn: model {model} does not "
                       f"load ({e})"]
-    cos = vocab_cosines(m, layer)[neuron].cpu().numpy()  # [vocab]
+    n_vocab = ((t.manifest.get("analyze") or {}).get("n_vocab") or {}).get(model)
+    if n_vocab:  # the real tokens analyze used (padded vocabularies)
+        m.adapter.set_n_vocab(int(n_vocab))
+    cos = vocab_cosines(m, layer)[neuron].cpu().numpy()  # [n_vocab]
     return cos, []

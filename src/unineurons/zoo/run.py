@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import UnineuronsError
 from ..io import MARKER, prepare_out_dir, read_json, write_json
 from ..progress import progress
-from .config import ZooConfig
+from .config import ZooConfig, check_members, member_name, member_seeds
 from .train import ZooSpec, seed_dir, train_seed
 
 __all__ = ["train_zoo", "zoo_checkpoints", "zoo_info", "parse_int_list", "default_checkpoints",
@@ -76,15 +76,12 @@ def _check_ints(values: Iterable[Any], what: str) -> list[int]:
 
 def _validate_run(seeds: Sequence[int], steps: int, checkpoints: Sequence[int] | None
                   ) -> tuple[list[int], tuple[int, ...]]:
-    seeds = _check_ints(seeds, "seeds")
+    seeds = check_members(seeds)  # plain seeds, or grid members init{I}-data{D}
     if not seeds:
         raise UnineuronsError("--seeds is empty; give at least one seed, e.g. 0,1,2,3,4")
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
     if dup:
         raise UnineuronsError(f"--seeds: seed {dup[0]} is given twice; each seed trains one model")
-    bad = [s for s in seeds if not 0 <= s < 2**32]
-    if bad:
-        raise UnineuronsError(f"--seeds: seed {bad[0]} is out of range; use 0 <= seed < 2**32")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise UnineuronsError(f"--steps must be a positive integer, got {steps!r}")
     if checkpoints is None:
@@ -206,10 +203,13 @@ def train_zoo(tokens: str | os.PathLike, out: str | os.PathLike, preset: str = "
                 f"output folder {out} holds a zoo trained with other settings ({', '.join(diff)} "
                 "differ); rerun with the same settings to resume it, or choose another --out"
             )
+    all_seeds = sorted(set(check_members(list(seeds) + list(old["seeds"] if old else ()))))
     prepare_out_dir(out, "zoo")
-    all_seeds = sorted(set(seeds) | set(old["seeds"] if old else ()))
     write_json(zoo_json, {**body, "seeds": all_seeds, "versions": _versions()})
 
+    for s in seeds:  # each member's seeds, read by correlate's partner kinds
+        init, data = member_seeds(s)
+        write_json(out / member_name(s) / "member.json", {"init_seed": init, "data_seed": data})
     todo = [s for s in seeds if not _finished(spec, s)]
     n_workers = min(len(seeds), os.cpu_count() or 1) if workers is None else workers
     n_workers = min(n_workers, len(todo))

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import UnineuronsError
 from ..io import load_tensors, read_json, save_tensors, write_json
-from .config import ZooConfig, lr_at
+from .config import ZooConfig, lr_at, member_name, member_seeds
 
 __all__ = ["ZooSpec", "build_model", "batch_rows", "train_seed", "seed_dir", "RESUME_FORMAT"]
 
@@ -70,8 +70,8 @@ class ZooSpec:
 
 
 def seed_dir(out: str | os.PathLike, seed: int) -> Path:
-    """The folder of one seed in a zoo."""
-    return Path(out) / f"seed{seed}"
+    """The folder of one seed in a zoo (``seed{S}``; a grid member's ``init{I}-data{D}``)."""
+    return Path(out) / member_name(seed)
 
 
 def build_model(spec: ZooSpec, seed: int) -> torch.nn.Module:
@@ -89,7 +89,7 @@ def build_model(spec: ZooSpec, seed: int) -> torch.nn.Module:
         bos_token_id=spec.special.get("bos_id"), eos_token_id=spec.special.get("eos_id"),
         pad_token_id=spec.special.get("pad_id"),
     )
-    torch.manual_seed(seed)
+    torch.manual_seed(member_seeds(seed)[0])  # a grid member's init seed
     model = GPT2LMHeadModel(config)
     return model
 
@@ -277,7 +277,7 @@ def train_seed(spec: ZooSpec, seed: int, tokenizer: Any = None,
     if report is not None and start:
         report(start)
 
-    order = _Order(seed, store.n_contexts, cfg.batch_size)
+    order = _Order(member_seeds(seed)[1], store.n_contexts, cfg.batch_size)  # its data seed
     ckpts = set(spec.checkpoints)
     tokens_per_step = cfg.batch_size * spec.ctx
     loss_sum, loss_n, step_time = 0.0, 0, 0.0  # since the last metrics row
@@ -314,7 +314,9 @@ def train_seed(spec: ZooSpec, seed: int, tokenizer: Any = None,
             loss_sum, loss_n, step_time = 0.0, 0, 0.0
         if done in ckpts:
             _save_checkpoint(sdir, done, model, tokenizer, {"seed": seed, **last,
-                                                           "preset": cfg.preset})
+                                                           "preset": cfg.preset,
+                                                           "init_seed": member_seeds(seed)[0],
+                                                           "data_seed": member_seeds(seed)[1]})
             _save_state(sdir, done, model, opt, {
                 "elapsed_s": base_elapsed + time.perf_counter() - run_t0,
                 "metrics_bytes": metrics.stat().st_size, "fingerprint": spec.fingerprint})
