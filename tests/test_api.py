@@ -134,7 +134,7 @@ def test_cli_and_api_write_the_same_tables(shared, tmp_path, tiny_store):
          ABLATE["batch_size"])
     api, cli = un.open_run(path), un.open_run(cli_run)
     names = ["neurons", "matches", "layers", "top_contexts", "families", "vocab", "properties",
-             "ablations"]
+             "ablations"] + [t for t in ("layer_similarity", "partner_kinds") if t in api.tables]
     assert set(names) <= set(cli.tables)
     for name in names:
         pd.testing.assert_frame_equal(api.table(name), cli.table(name), obj=name)
@@ -213,8 +213,8 @@ def test_run_reads_tables_lazily_and_names_the_missing_command(run, tmp_path):
     with pytest.raises(AttributeError):
         other.not_a_table  # noqa: B018
     extra = pd.DataFrame({"model": ["m"], "layer": [0], "score": [1.5]})
-    extra.to_parquet(other.path / "layer_similarity.parquet")
-    pd.testing.assert_frame_equal(other.layer_similarity, extra)  # tables of other stages
+    extra.to_parquet(other.path / "my_scores.parquet")
+    pd.testing.assert_frame_equal(other.my_scores, extra)  # any table another tool adds
     old = other.layers
     other._rd.write_table("layers", old.assign(universal=-1))  # a stage rewrites the table
     assert (other.layers["universal"] == -1).all()

@@ -30,6 +30,8 @@ TABLES: dict[str, str] = {
     "neurons": "unineurons correlate (or unineurons analyze --model M --out RUN)",
     "matches": "unineurons correlate",
     "layers": "unineurons correlate",
+    "layer_similarity": "unineurons correlate",
+    "partner_kinds": "unineurons correlate (on a seed grid: zoo train --init-seeds --data-seeds)",
     "top_contexts": "unineurons analyze RUN",
     "families": "unineurons analyze RUN",
     "properties": "unineurons analyze RUN (on a correlate run)",
