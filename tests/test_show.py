@@ -42,6 +42,8 @@ def test_show_prints_the_card(run, shared, capsys):
         assert m.partner in out and m.partner_address in out
         assert f"{m.max_corr:.3f}" in out and f"{m.baseline_corr:.3f}" in out
     assert f"{nr.stats['excess_corr']:.4g}" in out
+    if "mutual_best" in nr.matches.columns:  # one-to-one matching, when correlate wrote it
+        assert "mutual" in out and "yes" in out  # a permuted copy: its own mutual best match
     for label in ("activation kurtosis", "vocab cos kurtosis", "role", "family"):
         assert label in out
     assert repr(nr.promoted["token"].iloc[0].replace("\n", "⏎")) in out

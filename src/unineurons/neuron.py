@@ -149,7 +149,8 @@ class Neuron:
         """Best match in every partner seed: one row per partner with ``partner``,
         ``partner_address``, ``max_corr`` (Pearson ρ with the best partner neuron),
         ``baseline_corr`` (ρ against the partner's randomly rotated layer, Gurnee et al.
-        eq. 2), ``excess`` (their difference), ``argmax_layer``, ``argmax_neuron``.
+        eq. 2), ``excess`` (their difference), ``argmax_layer``, ``argmax_neuron``, then any
+        column other stages added to ``matches.parquet`` (e.g. ``mutual_best``).
 
         Raises:
             UnineuronsError: the run has no ``matches.parquet`` (run correlate).
@@ -161,6 +162,8 @@ class Neuron:
         m["excess"] = m["max_corr"] - m["baseline_corr"]
         cols = ["partner", "partner_address", "max_corr", "baseline_corr", "excess",
                 "argmax_layer", "argmax_neuron"]
+        # columns other stages add (one-to-one matching: assigned_neuron, mutual_best, ...)
+        cols += [c for c in m.columns if c not in cols and c not in ("model", "layer", "neuron")]
         return m[cols].reset_index(drop=True)
 
     @property

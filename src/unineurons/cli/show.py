@@ -80,11 +80,18 @@ def neuron_card(d: dict[str, Any]) -> Any:
         tables.append(st)
     if d["matches"]:
         mt = Table(title="best match in each seed", title_justify="left")
-        for c in ("partner", "match", "ρ", "baseline ρ", "excess"):
+        mutual = "mutual_best" in d["matches"][0]  # one-to-one matching, when the run has it
+        for c in ("partner", "match", "ρ", "baseline ρ", "excess") + (("mutual",) if mutual else ()):
             mt.add_column(c, justify="left" if c in ("partner", "match") else "right")
         for m in d["matches"]:
-            mt.add_row(_t(m["partner"]), _t(m["partner_address"]), _t(_f(m["max_corr"])),
-                       _t(_f(m["baseline_corr"])), _t(_f(m["excess"])))
+            cells = [_t(m["partner"]), _t(m["partner_address"]), _t(_f(m["max_corr"])),
+                     _t(_f(m["baseline_corr"])), _t(_f(m["excess"]))]
+            if mutual:
+                import pandas as pd
+
+                v = m["mutual_best"]
+                cells.append(_t("-" if pd.isna(v) else ("yes" if bool(v) else "no")))
+            mt.add_row(*cells)
         tables.append(mt)
     if d["promoted"] or d["suppressed"]:
         vt = Table(title="vocabulary: cos(w_out, W_U)", title_justify="left")
