@@ -3,6 +3,7 @@ computations, and calibration on planted cases (no privileged match, shared feat
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from unineurons.correlate.calibrate import (
     TAIL_FRAC,
     TAIL_MAX,
     TAIL_MIN,
-    block_null,
     bh_qvalues,
+    block_null,
     calibrated_columns,
     loo_studentized,
     null_pvalues,
@@ -33,6 +34,7 @@ from unineurons.io import load_tensors
 FDR = 0.01
 
 
+@functools.cache
 def _rot(seed: int, layer: int, r: int, d: int) -> torch.Tensor:
     return random_orthogonal(d, torch.Generator().manual_seed(10_000 * seed + 100 * layer + r))
 
@@ -46,15 +48,15 @@ def _acts(g: np.random.Generator, n: int, L: int, d: int, k: int = 16) -> np.nda
 
 def _rotated(x: np.ndarray, L: int, d: int, seed: int) -> np.ndarray:
     """``x`` with every layer rotated by its own Haar rotation: no privileged basis."""
-    return np.concatenate([x[:, l * d:(l + 1) * d] @ _rot(seed + 77, l, 999, d).numpy()
-                           for l in range(L)], 1)
+    return np.concatenate([x[:, li * d:(li + 1) * d] @ _rot(seed + 77, li, 999, d).numpy()
+                           for li in range(L)], 1)
 
 
 def _stats(x: np.ndarray, y: np.ndarray, L: int, d: int):
     tx = torch.from_numpy(x - x.mean(0))
     ty = torch.from_numpy(y - y.mean(0))
     n = torch.tensor(float(x.shape[0]), dtype=torch.float64)
-    cov = lambda t: torch.stack([t[:, l * d:(l + 1) * d].T @ t[:, l * d:(l + 1) * d] for l in range(L)])  # noqa: E731
+    cov = lambda t: torch.stack([t[:, li * d:(li + 1) * d].T @ t[:, li * d:(li + 1) * d] for li in range(L)])  # noqa: E731
     return tx.T @ ty, n, (tx * tx).sum(0), (ty * ty).sum(0), cov(tx), cov(ty)
 
 
@@ -77,8 +79,8 @@ def test_block_null_matches_numpy_both_directions():
                      col_rot=lambda layer, r: _rot(1, layer, r, d),
                      row_rot=lambda layer, r: _rot(2, layer, r, d))
     for r in range(R):
-        yr = np.concatenate([y[:, l * d:(l + 1) * d] @ _rot(1, l, r, d).numpy() for l in range(L)], 1)
-        xr = np.concatenate([x[:, l * d:(l + 1) * d] @ _rot(2, l, r, d).numpy() for l in range(L)], 1)
+        yr = np.concatenate([y[:, li * d:(li + 1) * d] @ _rot(1, li, r, d).numpy() for li in range(L)], 1)
+        xr = np.concatenate([x[:, li * d:(li + 1) * d] @ _rot(2, li, r, d).numpy() for li in range(L)], 1)
         rho_rows = np.corrcoef(x.T, yr.T)[:L * d, L * d:]
         rho_cols = np.corrcoef(xr.T, y.T)[:L * d, L * d:]
         np.testing.assert_allclose(out["row_null"][r].numpy(), rho_rows.max(1), atol=1e-10)
@@ -150,11 +152,12 @@ def test_bh_qvalues_match_numpy():
 def test_rotated_copy_gives_uniform_pvalues_and_no_discoveries():
     """The partner is the model's own activations rotated per layer: no neuron has a
     privileged match, so p-values are uniform and the calibrated share stays <= FDR."""
-    L, d = 3, 96
+    L, d = 2, 96
     ps = []
-    for seed in range(3):
+    for seed in range(4):
         x = _acts(np.random.default_rng(seed), 2500, L, d)
-        obs, null = _observed_and_null(x, _rotated(x, L, d, seed), L, d, seed=seed)
+        # the same null rotations for every data set: their data differ
+        obs, null = _observed_and_null(x, _rotated(x, L, d, seed), L, d)
         cols = calibrated_columns(obs, [null], np.repeat(np.arange(L), d), FDR)
         assert cols["is_universal_calibrated"].mean() <= FDR
         ps.append(cols["p_value"])

@@ -424,5 +424,5 @@ def _fold(acts: list[torch.Tensor], need: list[int], st: _PassState, shapes: lis
     for u in st.units:
         da = shapes[u.a].d_mlp
         rows = slice(u.l0 * da, u.l1 * da)
-        key = u.key() + (f".h{half}" if half else "")
+        key = u.key() + (f".h{half}" if half and u.kind == "pair" else "")  # ceiling: all contexts
         st.co[key].update_shifted(shift[u.a][rows], shift[u.b], xs[u.a][:, rows], xs[u.b])
