@@ -248,3 +248,82 @@ def test_planner_counts_the_null_and_refuses_few_rotations():
         CorrelateConfig(models=["a", "b"], tokens="t", null_rotations=3)
     with pytest.raises(ValueError):
         CorrelateConfig(models=["a", "b"], tokens="t", fdr=1.5)
+
+
+# ---- both criteria downstream: ablation sets, dynamics, report, CLI ---------------------------
+
+def _table() -> pd.DataFrame:
+    return pd.DataFrame({
+        "layer": [0, 0, 0, 1, 1, 1], "neuron": [0, 1, 2, 0, 1, 2],
+        "excess_corr": [0.6, 0.1, 0.2, 0.05, np.nan, 0.3],
+        "is_universal": [True, False, False, False, False, False],
+        "p_value": [1e-3, 1e-9, 0.5, 1e-9, np.nan, 0.2],
+        "is_universal_calibrated": [True, True, False, True, False, False],
+    })
+
+
+def test_ablation_set_universal_calibrated():
+    from unineurons.analyses.ablate import build_sets
+    from unineurons.errors import UnineuronsError
+
+    sets = build_sets(_table(), 2, 3, ["universal", "universal-calibrated"], [1, 2, "all", 5])
+    cal = {s.size: s for s in sets if s.set == "universal-calibrated"}
+    # by p-value; the tie at 1e-9 goes to the larger excess (0.1 > 0.05)
+    assert cal["1"].neurons == ((0, 1),)
+    assert cal["2"].neurons == ((0, 1), (1, 0))
+    assert cal["all"].neurons == ((0, 0), (0, 1), (1, 0)) and cal["all"].n_requested == 3
+    assert len(cal["5"].neurons) == 3 and cal["5"].n_requested == 5  # capped
+    uni = {s.size: s for s in sets if s.set == "universal"}
+    assert uni["all"].neurons == ((0, 0),)  # the paper's set is unchanged
+    ranked = build_sets(_table(), 2, 3, ["universal-calibrated"], [4], rank_all=True)
+    assert ranked[0].neurons == ((0, 0), (0, 1), (1, 0), (1, 2))  # every neuron with a p-value
+    with pytest.raises(UnineuronsError, match="null-rotations"):
+        build_sets(_table().drop(columns=["p_value"]), 2, 3, ["universal-calibrated"], [1])
+
+
+def test_dynamics_rule_calibrated():
+    from unineurons.analyses.dynamics_tables import parse_universal, universal_mask
+    from unineurons.errors import UnineuronsError
+
+    t = _table()
+    assert parse_universal("calibrated") == ("calibrated", None)
+    got = universal_mask(t.excess_corr.to_numpy(), t.layer.to_numpy(), t.neuron.to_numpy(),
+                         "calibrated", 0.5, t.is_universal_calibrated)
+    np.testing.assert_array_equal(got, t.is_universal_calibrated.to_numpy())
+    paper = universal_mask(t.excess_corr.to_numpy(), t.layer.to_numpy(), t.neuron.to_numpy(),
+                           "threshold", 0.5, t.is_universal_calibrated)
+    np.testing.assert_array_equal(paper, t.is_universal.to_numpy())
+    with pytest.raises(UnineuronsError, match="null-rotations"):
+        universal_mask(t.excess_corr.to_numpy(), t.layer.to_numpy(), t.neuron.to_numpy(),
+                       "calibrated", 0.5)
+
+
+def test_report_and_cli_show_both_criteria(copy_pair, tiny_store, tmp_path):
+    from typer.testing import CliRunner
+
+    from unineurons.cli import app
+    from unineurons.report.plots_corr import _universal_share, layer_summary
+    from unineurons.report.tables import Tables
+    from unineurons.rundir import RunDir
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, [
+        "correlate", "-m", str(copy_pair[0]), "-m", str(copy_pair[2]), "--tokens", str(tiny_store),
+        "--out", str(out), "--n-tokens", "2048", "--batch-size", "4", "--null-rotations", "8",
+        "--split-half"])
+    assert r.exit_code == 0, r.output
+    assert "calibrated" in r.output and "by the paper's threshold" in r.output
+    assert "split half of" in r.output and "Jaccard" in r.output
+    run = RunDir.open(out)
+    n, lay = run.read_table("neurons"), run.read_table("layers")
+    s = layer_summary(n).set_index("layer")
+    np.testing.assert_array_equal(s["universal_calibrated"], lay.set_index("layer")["universal_calibrated"])
+    np.testing.assert_array_equal(s["universal_calibrated"],
+                                  n.groupby("layer")["is_universal_calibrated"].sum())
+    drawn = _universal_share(Tables(run), {})
+    assert "calibrated (Benjamini-Hochberg" in drawn.caption and "They differ because" in drawn.caption
+    assert f"({int(n.is_universal_calibrated.sum())} in all)" in drawn.caption
+    bad = CliRunner().invoke(app, [
+        "correlate", "-m", str(copy_pair[0]), "-m", str(copy_pair[2]), "--tokens", str(tiny_store),
+        "--out", str(tmp_path / "bad"), "--null-rotations", "3"])
+    assert bad.exit_code != 0 and not (tmp_path / "bad").exists()

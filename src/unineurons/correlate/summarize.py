@@ -202,6 +202,8 @@ def finalize(run: RunDir, cfg: CorrelateConfig, models: list[LoadedModel], store
         from .splithalf import split_half_table
 
         run.write_table("split_half", split_half_table(cfg, models, shapes, plan, res, layercov))
+    elif run.has_table("split_half"):  # of an earlier run without --split-half
+        run.table_path("split_half").unlink()
     run.update_manifest(
         versions=package_versions(),
         models=[{"spec": m.name, "location": m.spec.location, "revision": m.spec.revision,
