@@ -27,7 +27,7 @@ from unineurons.correlate.calibrate import (
 from unineurons.correlate.config import CorrelateConfig
 from unineurons.correlate.engine import run_correlate
 from unineurons.correlate.maxcorr import block_results
-from unineurons.correlate.plan import ModelShape, null_bytes, plan_units
+from unineurons.correlate.plan import ModelShape, null_bytes, null_flops, plan_units
 from unineurons.correlate.rotation import random_orthogonal, rotation_for
 from unineurons.io import load_tensors
 
@@ -244,6 +244,9 @@ def test_planner_counts_the_null_and_refuses_few_rotations():
     assert cal.persistent_bytes - free.persistent_bytes == null_bytes(shapes, "reference", 32)
     assert null_bytes(shapes, "reference", 32) == 32 * 128 * 8
     assert max(cal.work_bytes) > max(free.work_bytes)
+    # once per run: the rotated block's GEMM and the partner's rotations, per draw
+    assert null_flops(shapes, cal, 32) == 32 * (2.0 * 128 * 128 * 64 + 4.0 * 2 * 64 ** 3)
+    assert null_flops(shapes, cal, 32, halves=2) == 3 * null_flops(shapes, cal, 32)
     with pytest.raises(ValueError, match="at least 8 null rotations"):
         CorrelateConfig(models=["a", "b"], tokens="t", null_rotations=3)
     with pytest.raises(ValueError):

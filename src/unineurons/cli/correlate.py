@@ -200,6 +200,8 @@ def register(app: typer.Typer) -> None:
         f = est.flops
         t.add_row("FLOPs per token", f"{f['total'] / 1e9:,.2f} G (forward {f['forward'] / 1e9:,.2f}, "
                   f"co-moments {f['comoments'] / 1e9:,.2f}, layer cov {f['layer_cov'] / 1e9:,.2f})")
+        if est.null_flops:
+            t.add_row("calibrated null (once)", f"{est.null_flops:.3e} FLOPs, {null_rotations} rotations")
         t.add_row("total FLOPs", f"{est.total_flops:.3e}")
         t.add_row("matmul rate", f"{est.rate / 1e12:,.3f} TFLOP/s" + (" (measured here)" if not flops_per_s else ""))
         hours = est.seconds / 3600

@@ -30,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from ..errors import UnineuronsError
 
 __all__ = ["ModelShape", "Unit", "Plan", "plan_units", "stream_bytes", "forward_workspace",
-           "work_bytes", "acc_bytes", "null_bytes", "parse_bytes", "fmt_bytes", "flops_per_token"]
+           "work_bytes", "acc_bytes", "null_bytes", "null_flops", "parse_bytes", "fmt_bytes",
+           "flops_per_token"]
 
 F64 = 8
 F32 = 4
@@ -304,6 +305,24 @@ def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
         p.sort(key=lambda u: (u.kind != "pair", u.a, u.b, u.l0))
     return Plan(passes=passes, pass_bytes=loads, persistent_bytes=persistent,
                 stream_bytes=stream, budget=budget, work_bytes=works)
+
+
+def null_flops(shapes: list[ModelShape], plan: Plan, null_rotations: int, halves: int = 1) -> float:
+    """FLOPs of the calibrated null, once per run (not per token): per rotation and pair block,
+    the rotated block's GEMM (``2 rows N_b d_b``, and ``2 rows N_b d_a`` for the columns
+    direction) and making the rotations (QR, ``~4 d³`` each, per layer). With ``halves`` 2 each
+    half is summarised too (three times in all)."""
+    total = 0.0
+    for p in plan.passes:
+        for u in p:
+            if u.kind != "pair":
+                continue
+            sa, sb = shapes[u.a], shapes[u.b]
+            rows = (u.l1 - u.l0) * sa.d_mlp
+            total += 2.0 * rows * sb.n * sb.d_mlp + 4.0 * sb.n_layers * sb.d_mlp ** 3
+            if u.cols_dir:
+                total += 2.0 * rows * sb.n * sa.d_mlp + 4.0 * (u.l1 - u.l0) * sa.d_mlp ** 3
+    return total * null_rotations * (1 if halves == 1 else halves + 1)
 
 
 def flops_per_token(shapes: list[ModelShape], plan: Plan) -> dict[str, float]:
