@@ -316,15 +316,16 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
             full_lc = _merged_halves(layercov, len(shapes), cfg.driver_device)
         results = {}
         for u in units:
-            for h in range(1, halves) if u.kind == "pair" else ():
+            if halves == 2 and u.kind == "pair":
                 # each half alone, then half 1 merged into half 0 in place: all contexts
-                for part, co in enumerate((st.co[u.key()], st.co.pop(f"{u.key()}.h{h}"))):
+                h1 = st.co.pop(f"{u.key()}.h1")
+                for part, co in enumerate((st.co[u.key()], h1)):
                     lc = layercov[part * len(shapes):(part + 1) * len(shapes)]
                     for k, v in _unit_results(u, co, lc, rots, shapes, cfg, keys, half=True).items():
                         results[f"{u.key()}.h{part}.{k}"] = v
                     results[f"{u.key()}.h{part}.n"] = co.n
-                st.co[u.key()].merge(co)
-                del co
+                st.co[u.key()].merge(h1)
+                del h1
             for k, v in _unit_results(u, st.co[u.key()], full_lc, rots, shapes, cfg, keys).items():
                 results[f"{u.key()}.{k}"] = v
         save_tensors(run.state_dir / f"results.{p}.safetensors", results)
