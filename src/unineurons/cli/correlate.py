@@ -150,7 +150,8 @@ def register(app: typer.Typer) -> None:
         if n_zero:
             console.print(f"[yellow]{n_zero} neurons have zero variance on these tokens: their "
                           "correlations are NaN[/]")
-        console.print(f"results: {out}/neurons.parquet, matches.parquet, layers.parquet, pairs/")
+        console.print(f"results: {out}/neurons.parquet, matches.parquet, layers.parquet, pairs/"
+                      + (", split_half.parquet" if split_half else ""))
 
     @app.command("plan")
     def plan(
