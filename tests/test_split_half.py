@@ -122,3 +122,43 @@ def test_split_half_matches_separate_runs(tiny_store, make_gpt2, tmp_path):
             int(sub["is_universal_calibrated"].sum())
     assert (table["kept_tokens_h0"] > 0).all() and (table["kept_tokens_h1"] > 0).all()
     assert isinstance(table, pd.DataFrame)
+
+
+def test_ray_worker_shards_crossing_the_split_merge_to_each_half(tiny_store, make_gpt2, tmp_path):
+    """The Ray worker's code (in-process, no Ray) cuts a shard at the split: merged shards give
+    numpy's covariances of each half."""
+    import dataclasses
+
+    from safetensors.torch import load
+
+    from unineurons.correlate.distributed import TASK, correlate_job
+    from unineurons.correlate.engine import plan_for
+    from unineurons.sharding import ShardWorker
+
+    paths = [str(make_gpt2(tmp_path / f"m{i}", i)) for i in range(2)]
+    cfg = CorrelateConfig(models=paths, tokens=str(tiny_store), n_tokens=N_TOK, batch_size=2,
+                          accumulate_tokens=128, dtype="float64", backend="ray", split_half=True)
+    models = [load_model(p) for p in paths]
+    shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp) for m in models]
+    units = plan_for(cfg, shapes, 64).passes[0]
+    job = correlate_job(cfg, models, shapes, 128, "hash")
+    extra = {"units": [dataclasses.asdict(u) for u in units], "fresh_layercov": True}
+    merged = _PassState(units, shapes, "cpu", torch.float64, None, halves=2)
+    w = ShardWorker()
+    for c0, c1 in ((0, 5), (5, 20), (20, 32)):  # the middle shard crosses the split at 16
+        merged.merge_from(load(w.run(TASK, job, "pass0", c0, c1, extra)).__getitem__)
+    store = TokenStore.open(tiny_store)
+    pair = next(u for u in units if u.kind == "pair")
+    for half, (c0, c1) in enumerate(((0, 16), (16, 32))):
+        acts = [[], []]
+        for b in activation_stream(models, store.contexts(N_TOK)[:c1], store.manifest["tokenizer"],
+                                   batch_size=7, start=c0):
+            for i in range(2):
+                acts[i].append(b.acts[i].double().numpy())
+        x, y = (np.concatenate(a) for a in acts)
+        co = merged.co[pair.key() + (".h1" if half else "")].result()
+        assert int(co["n"]) == x.shape[0]
+        np.testing.assert_allclose(co["cov"].numpy(), np.cov(x.T, y.T, bias=True)[:128, 128:],
+                                   atol=1e-10)
+        lc = merged.layercov[half * 2 + 1].result()["cov"].numpy()
+        np.testing.assert_allclose(lc[1], np.cov(y[:, 64:].T, bias=True), atol=1e-10)
