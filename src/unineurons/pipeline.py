@@ -94,6 +94,9 @@ class CorrelateStage(_Section):
     n_tokens: int | None = Field(None, ge=1, description="Held-out tokens used (default: all).")
     pairs: Literal["reference", "all"] = "reference"
     threshold: float = 0.5
+    null_rotations: int = Field(32, ge=0, description="Rotations of the calibrated null per layer.")
+    fdr: float = Field(0.01, gt=0, lt=1, description="Calibrated universal if BH q < fdr.")
+    split_half: bool = Field(False, description="Universal sets of two halves of the tokens too.")
     batch_size: int = Field(16, ge=1)
     memory_budget: str = "8GB"
     dtype: Literal["float32", "tf32", "bfloat16", "float64"] = "float32"
@@ -310,5 +313,6 @@ def _correlate(cfg: PipelineConfig, zoo_dir: Path, held_dir: Path, run_dir: Path
     seeds = [ref] + [s for s in members if s != ref]
     cc = CorrelateConfig(models=zoo_models(zoo_dir, seeds, c.step), tokens=str(held_dir),
                          n_tokens=c.n_tokens, pairs=c.pairs, threshold=c.threshold,
+                         null_rotations=c.null_rotations, fdr=c.fdr, split_half=c.split_half,
                          batch_size=c.batch_size, memory_budget=c.memory_budget, dtype=c.dtype)
     return run_correlate(cc, run_dir, resume=True)

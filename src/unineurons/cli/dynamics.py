@@ -116,8 +116,12 @@ def dynamics(
     n_tokens: int | None = typer.Option(None, "--n-tokens", help="Tokens per step (default: "
                                         "the whole store)."),
     universal: str = typer.Option("threshold", "--universal", help="threshold (excess > "
-                                  "--threshold) or top:S (the share S of neurons with the "
-                                  "highest excess, e.g. top:0.05, for small zoos)."),
+                                  "--threshold), top:S (the share S of neurons with the "
+                                  "highest excess, e.g. top:0.05, for small zoos) or calibrated "
+                                  "(BH q < --fdr against each neuron's rotation null)."),
+    null_rotations: int = typer.Option(32, "--null-rotations", help="Rotations of the calibrated "
+                                       "null per layer; 0: paper criterion only."),
+    fdr: float = typer.Option(0.01, "--fdr", help="Calibrated universal if BH q < fdr."),
     threshold: float = typer.Option(0.5, "--threshold", help="Universal if excess correlation "
                                     "> threshold (Gurnee et al.: 0.5)."),
     pairs: str = typer.Option("reference", "--pairs", help="reference: follow the reference "
@@ -188,6 +192,7 @@ def dynamics(
         names=None if names is None else _names(names, "--names"),
         steps=None if steps is None else list(parse_int_list(steps, "--steps")),
         tokens=str(tokens), n_tokens=n_tokens, universal=universal, threshold=threshold,
+        null_rotations=null_rotations, fdr=fdr,
         pairs=pairs, batch_size=batch_size, device=device, dtype=dtype,
         memory_budget=memory_budget, drop_newline=not keep_newline, ablate=acfg, backend=backend,
         ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker)

@@ -27,6 +27,10 @@ def _show(what: str, obj: Any) -> None:
         console.print(t)
     elif what == "correlate":
         print_summary(obj.layers, console)
+        if obj.run.has_table("split_half"):
+            from .correlate import print_split_half
+
+            print_split_half(obj.run.read_table("split_half"), console)
     elif what == "analyze":
         from .analyze import show_analysis
 

@@ -14,7 +14,7 @@ import torch
 from ..errors import UnineuronsError
 from .config import CorrelateConfig
 from .engine import plan_for
-from .plan import ModelShape, Plan, flops_per_token
+from .plan import ModelShape, Plan, flops_per_token, null_flops
 
 __all__ = ["shape_from_config", "measure_matmul_rate", "estimate", "Estimate"]
 
@@ -65,10 +65,11 @@ class Estimate:
     n_tokens: int
     rate: float  #: FLOP/s used for the time
     workers: int
+    null_flops: float = 0.0  #: the calibrated null's, once per run (``plan.null_flops``)
 
     @property
     def total_flops(self) -> float:
-        return self.flops["total"] * self.n_tokens
+        return self.flops["total"] * self.n_tokens + self.null_flops
 
     @property
     def seconds(self) -> float:
@@ -81,4 +82,5 @@ def estimate(cfg: CorrelateConfig, n_tokens: int, ctx: int, rate: float | None =
     shapes = [shape_from_config(m) for m in cfg.models]
     plan = plan_for(cfg, shapes, ctx)
     return Estimate(shapes, plan, flops_per_token(shapes, plan), n_tokens,
-                    rate if rate else measure_matmul_rate(), max(1, workers))
+                    rate if rate else measure_matmul_rate(), max(1, workers),
+                    null_flops(shapes, plan, cfg.null_rotations, 2 if cfg.split_half else 1))
