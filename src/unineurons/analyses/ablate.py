@@ -76,7 +76,7 @@ class AblateConfig(Backend):
     ``backend="ray"`` the patched forward passes run as token shards on Ray workers
     (analyses.ablate_shards); the means of ``method="mean"`` are streamed here."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     models: list[str] | None = Field(None, description="Model specs of the run; all when unset.")
     sets: list[Literal["universal", "non-universal", "random"]] = Field(

@@ -55,7 +55,7 @@ STAT_COLUMNS = ["act_mean", "act_var", "act_skew", "act_kurt", "act_max", "act_f
 class AnalyzeConfig(Backend):
     """Per-neuron analyses of a run: statistics, top contexts, families, properties."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     tokens: str | None = Field(None, description="Token store folder; default: the run's own.")
     n_tokens: int | None = Field(None, ge=1, description="Use the first ceil(N / ctx) contexts; "

@@ -402,7 +402,7 @@ def intervene_neurons(m: LoadedModel, contexts: np.ndarray, special: dict,
 class InterveneConfig(BaseModel):
     """Single-neuron interventions (Gurnee et al. section 5) on neurons of a run's model."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     model: str | None = Field(
         None, description="Model spec of the run; the run's first (reference) model when unset.")
