@@ -17,7 +17,7 @@ from .errors import UnineuronsError
 
 __all__ = ["Device", "check_device", "build", "describe_error", "Backend", "BACKEND_FIELDS",
            "without_backend", "check_numbers", "check_range", "MAX_INT", "OPTION_RANGES",
-           "check_options"]
+           "check_options", "check_model_ranges"]
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -185,6 +185,27 @@ def check_options(options: dict[str, Any]) -> None:
             continue
         lo, hi = OPTION_RANGES.get(name, (0, None) if isinstance(v, int) else (None, None))
         check_range(name, v, ge=lo, le=hi)
+
+
+def check_model_ranges(model: BaseModel, where: str = "config", prefix: str = "") -> None:
+    """Apply :data:`OPTION_RANGES` to the fields of a (nested) config model by field name, so a
+    TOML config is held to the ranges of the command-line options it stands for; raises
+    ``UnineuronsError("{where}: key 'a.b': ...")``."""
+    for name in type(model).model_fields:
+        v = getattr(model, name)
+        key = f"{prefix}{name}"
+        if isinstance(v, BaseModel):
+            check_model_ranges(v, where, f"{key}.")
+            continue
+        values = v if isinstance(v, (list, tuple)) else [v]
+        for x in values:
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            lo, hi = OPTION_RANGES.get(name, (0, None) if isinstance(x, int) else (None, None))
+            try:
+                check_range(name, x, ge=lo, le=hi)
+            except UnineuronsError as e:
+                raise UnineuronsError(f"{where}: key {key!r}: " + str(e).split(": ", 1)[1]) from None
 
 
 def build(cls: type[T], **kwargs: Any) -> T:

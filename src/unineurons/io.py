@@ -217,9 +217,10 @@ def prepare_out_dir(path: str | os.PathLike, kind: str, *, exist_ok: bool = True
             top = top.parent
         path.mkdir(parents=True, exist_ok=True)
         _CREATED.append(top)
-    from .lock import acquire
+    from . import lock
 
-    acquire(path, f"output folder ({kind})")  # one command at a time; sweeps stale temp files
+    if lock.hold_on_open:  # a CLI command: one at a time per folder; sweeps stale temp files
+        lock.acquire(path, f"output folder ({kind})")
     if not marker.is_file():
         from . import __version__
 

@@ -8,7 +8,8 @@ Taking a lock also sweeps the temporary files a killed writer left behind
 (``.NAME.*.tmp`` of :func:`unineurons.io.atomic_path`): nobody else can be writing them.
 
 The lock is advisory (it protects unineurons commands from each other, nothing else) and
-re-entrant within a process: opening the same folder twice in one command is fine.
+re-entrant within a process: opening the same folder twice in one command is fine. Only
+CLI commands lock (:data:`hold_on_open`); the importable API does not.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ LOCK_NAME = ".unineurons.lock"
 #: folder (resolved) -> lock file path, for the locks this process holds
 _HELD: dict[Path, Path] = {}
 
-#: Set by the CLI: a run directory opened for a command is locked for the command too (an
-#: importing program that only reads a run does not take its lock).
+#: Set by the CLI for the duration of a command: only commands lock (a program importing
+#: unineurons, a notebook, is not held to one command per folder, nor blocks the CLI).
 hold_on_open = False
 
 
@@ -158,7 +159,7 @@ def sweep_stale_staging(out: str | os.PathLike) -> list[Path]:
         if not p.is_dir() or not p.name.endswith((".tmp", ".old")):
             continue
         info = _read(p / LOCK_NAME)
-        if info is None or not info or not _alive(info):
+        if info is not None and (not info or not _alive(info)):  # unlocked: not a command's
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p)
     return gone

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .analyses.ablate import AblateConfig
 from .analyses.analyze import AnalyzeConfig
 from .analyses.dynamics import DynamicsConfig
-from .config import Backend, describe_error, without_backend
+from .config import Backend, check_model_ranges, describe_error, without_backend
 from .errors import UnineuronsError
 from .io import prepare_out_dir, read_json, read_text, write_json
 from .report.build import ReportConfig
@@ -131,9 +131,11 @@ def load_config(path: str | Path | None = None, text: str | None = None,
         raise UnineuronsError(f"{where} is not valid TOML: {e}") from None
     data.update(overrides or {})
     try:
-        return PipelineConfig(**data)
+        cfg = PipelineConfig(**data)
     except ValidationError as e:
         raise _validation_error(e, where) from None
+    check_model_ranges(cfg, where)  # the ranges of the command-line options, by key
+    return cfg
 
 
 def builtin_config(name: str) -> str:

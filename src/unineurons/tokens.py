@@ -125,6 +125,7 @@ def build_token_store(source: str, tokenizer: str | os.PathLike, ctx: int, n_tok
             f"tokenizer {tokenizer} does not exist; train one with `unineurons tokenizer train` "
             "or give a hub id such as gpt2"
         )
+    tok_local = Path(tokenizer).expanduser().is_dir()
     tok = load_tokenizer(str(tokenizer))
     eos = tok.eos_token_id
     bos = tok.bos_token_id if tok.bos_token_id is not None else eos  # GPT-2 style: BOS = EOS
@@ -172,7 +173,9 @@ def build_token_store(source: str, tokenizer: str | os.PathLike, ctx: int, n_tok
             "kind": "tokens",
             "source": str(source),
             "tokenizer": {
-                "path": str(tokenizer),
+                # a local folder is kept absolute: the store is read from other folders too
+                "path": str(Path(tokenizer).expanduser().absolute()) if tok_local else str(tokenizer),
+                "local": tok_local,
                 "vocab_size": len(tok),
                 "vocab_sha256": vocab_fingerprint(tok),
                 "bos_id": bos,
@@ -232,11 +235,11 @@ class TokenStore:
         Raises :class:`UnineuronsError` for a missing folder or file, a bad or newer
         manifest, a file whose shape or dtype disagrees with the manifest, or a hash mismatch.
         """
-        path = Path(path)
+        path = Path(path).expanduser().absolute()  # recorded by runs: valid from any folder
         rebuild = "rebuild it with `unineurons tokens build`"
         if not path.is_dir():
             raise UnineuronsError(f"token store {path} does not exist; build it with "
-                                  "`unineurons tokens build`")
+                                  "`unineurons tokens build`, or pass its new place with --tokens")
         m = read_json(path / "manifest.json", "token store manifest")
         if not isinstance(m, dict) or m.get("kind") != "tokens":
             raise UnineuronsError(f"token store {path}: manifest.json is not a token store "
@@ -296,6 +299,30 @@ class TokenStore:
     @property
     def _tok(self) -> dict:
         return self.manifest["tokenizer"]
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The store's tokenizer, to load: its folder (absolute; a relative path of an older
+        store is looked up from here and from the store's parents) or its hub id.
+
+        Raises :class:`UnineuronsError` when it was a local folder that no longer exists: it
+        is never taken for a hub id then."""
+        from .checks import resolve_path
+
+        recorded = str(self._tok["path"])
+        found = resolve_path(recorded, self.path)
+        if found is not None and found.is_dir():
+            return str(found)
+        p = Path(recorded)
+        was_local = self._tok.get("local", p.is_absolute() or recorded.startswith((".", "~"))
+                                  or recorded.count("/") > 1)
+        if was_local:
+            raise UnineuronsError(
+                f"token store {self.path}: its tokenizer folder {recorded} no longer exists (moved "
+                "or deleted); put it back, or rebuild the store with `unineurons tokens build "
+                "--tokenizer DIR`"
+            )
+        return recorded  # a hub id such as gpt2
 
     @property
     def vocab_sha256(self) -> str:

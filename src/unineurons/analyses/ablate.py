@@ -35,6 +35,7 @@ import torch
 from pydantic import ConfigDict, Field, field_validator
 
 from ..accumulators.moments import Moments
+from ..checks import check_store_models
 from ..config import Backend, Device
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
@@ -300,6 +301,7 @@ def run_ablations(run: Any, cfg: AblateConfig) -> pd.DataFrame:
     frames = []
     for e in entries:
         m = load_run_model(e, cfg.driver_device)
+        check_store_models([m], special, contexts.shape[1], tok_info["path"])
         frames.append(ablate_model(m, tables[e["spec"]], contexts, special, cfg, run=run,
                                    tokens_info=tok_info))
         del m

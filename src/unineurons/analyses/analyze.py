@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ConfigDict, Field, field_validator
 
+from ..checks import check_store_models
 from ..config import Backend, Device
 from ..errors import UnineuronsError
 from ..features import Vocabulary, get_features, load_feature_module, token_class_from_file
@@ -303,6 +304,7 @@ def analyze_run(run_path: str | Path, cfg: AnalyzeConfig, models: Sequence[str] 
     entries = run_model_entries(run, models)
     contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
     loaded = [load_run_model(e, cfg.driver_device) for e in entries]
+    check_store_models(loaded, special, contexts.shape[1], info["path"])
     return analyze(run, loaded, contexts, special, info, cfg, resume=resume)
 
 
@@ -316,6 +318,7 @@ def analyze_models(specs: Sequence[str], out: str | Path, cfg: AnalyzeConfig, *,
     run = RunDir.create(out)
     contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
     loaded = [load_model(s, device=cfg.driver_device) for s in specs]
+    check_store_models(loaded, special, contexts.shape[1], info["path"])
     entries = [e for e in run.manifest().get("models") or [] if e["spec"] not in specs]
     entries += [{"spec": m.name, "location": m.spec.location, "revision": m.spec.revision,
                  "weights_sha256": m.weights_sha256, **m.info} for m in loaded]

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         args.insert(0, "--debug")
     lock.hold_on_open = True
     made = len(io.created_outputs())
+    from ..checks import offline_if_unreachable
+
+    offline_if_unreachable()  # a hub lookup offline fails at once, not after retries
     code = 0
     try:
         rc = app(args=args, standalone_mode=False)
@@ -172,4 +175,5 @@ def main(argv: list[str] | None = None) -> None:
         if code not in (0, 130):
             io.remove_created_outputs(since=made)
         lock.release_all()
+        lock.hold_on_open = False
     sys.exit(code)

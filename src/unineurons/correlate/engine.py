@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype, shift_of, shifted
+from ..checks import check_store_models
 from ..errors import UnineuronsError
 from ..io import load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from ..models.load import LoadedModel, check_compatible, load_model
@@ -195,6 +196,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
         models = [load_model(spec, device=cfg.driver_device) for spec in cfg.models]
     check_compatible(models, store_tokenizer_fp=special.get("vocab_sha256"),
                      store_vocab_size=special.get("vocab_size"))
+    check_store_models(models, special, store.ctx, store.path)
     shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp,
                          sum(p.numel() for p in m.model.parameters()), d_model=m.adapter.d_model,
                          n_heads=int(m.model.config.num_attention_heads),

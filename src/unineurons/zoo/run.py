@@ -141,9 +141,8 @@ def _plan(tokens: str | os.PathLike, out: str | os.PathLike, cfg: ZooConfig, ste
         if hs.n_contexts == 0:
             raise UnineuronsError(f"--heldout {heldout}: the token store is empty")
         held_sha = hs.sha256
-    # The manifest keeps the path as it was given; pin it down for workers and zoo.json.
-    tok_path = Path(tok_info["path"])
-    tok_path = str(tok_path.resolve()) if tok_path.is_dir() else str(tok_info["path"])
+    # absolute for workers and zoo.json; a moved local folder is an error, never a hub id
+    tok_path = store.tokenizer_path
     tokenizer = load_tokenizer(tok_path)
     spec = ZooSpec(
         config=cfg, steps=steps, checkpoints=checkpoints, out=str(Path(out).resolve()),
