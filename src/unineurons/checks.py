@@ -196,3 +196,29 @@ def run_model_source(entry: dict) -> str:
             f"{Path.cwd()}; run the command from the folder the run was made in"
         )
     return spec
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now (Linux ``MemAvailable``, else the
+    free physical pages); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(need_bytes: int, what: str, fix: str) -> None:
+    """Refuse to start work whose estimated peak ``need_bytes`` exceeds the available memory
+    (the kernel would kill the process half-way, with no message)."""
+    have = available_memory()
+    if have is not None and need_bytes > have:
+        raise UnineuronsError(f"{what} needs about {need_bytes / 1e9:,.1f} GB of memory, "
+                              f"{have / 1e9:,.1f} GB are available; {fix}")

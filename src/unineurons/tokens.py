@@ -16,6 +16,7 @@ The same inputs give a byte-identical ``tokens.npy``.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -27,7 +28,8 @@ import numpy as np
 from . import __version__
 from .corpus import ShuffledDocuments
 from .errors import UnineuronsError
-from .io import read_json, sha256_file, write_json
+from .io import check_free_disk, read_json, sha256_file, write_json
+from .lock import sweep_stale_staging
 from .models.load import load_tokenizer, vocab_fingerprint
 from .progress import progress
 from .tokenizer import check_out_dir, staged_dir
@@ -140,6 +142,8 @@ def build_token_store(source: str, tokenizer: str | os.PathLike, ctx: int, n_tok
     body = ctx - 1
     need = n_contexts * body  # stream tokens wanted: each row is BOS + body
     check_out_dir(out, "tokens")
+    sweep_stale_staging(out)  # hidden folders of a build that was killed (or crashed)
+    check_free_disk(Path(out).parent, n_contexts * ctx * dtype.itemsize + (1 << 20), "token store")
     docs = ShuffledDocuments(str(source), split, heldout_fraction, seed,
                              chars_hint=need * _CHARS_PER_TOKEN)
     encode = _encoder(tok)
@@ -147,6 +151,7 @@ def build_token_store(source: str, tokenizer: str | os.PathLike, ctx: int, n_tok
     with staged_dir(out, "tokens") as tmp:
         arr = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=dtype,
                                         shape=(n_contexts, ctx))
+        _reserve(tmp / "tokens.npy")
         arr[:, 0] = bos
         with progress(f"tokenizing {source} ({split})", total=need, unit="tokens") as bar:
             pos, n_docs = _fill(arr, docs, encode, eos, bar)
@@ -196,6 +201,24 @@ def build_token_store(source: str, tokenizer: str | os.PathLike, ctx: int, n_tok
         }
         write_json(tmp / "manifest.json", manifest)
     return TokenStore.open(out, verify=False)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of the (sparse) memory-mapped file ``path`` now: a disk that
+    fills up is then an error here, not a bus error half-way through writing the map."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UnineuronsError(f"token store {path.parent}: no space left on the disk for "
+                                  f"{os.fstat(fd).st_size / 1e9:,.2f} GB of tokens; free some "
+                                  "space or write elsewhere") from None
+        # file systems without fallocate (EOPNOTSUPP): write as before
+    finally:
+        os.close(fd)
 
 
 def _write_stream(arr: np.ndarray, pos: int, ids: np.ndarray) -> None:
