@@ -46,15 +46,18 @@ def check_finite_weights(name: str, model: torch.nn.Module) -> None:
 
 def _tokenizer_of(m: Any) -> Any | None:
     """The model's tokenizer: loaded with it, or from its local folder; None when the folder
-    has no tokenizer files (hub models loaded without one are not looked up: no network)."""
+    has no tokenizer files (transformers may then make up a default tokenizer for the
+    architecture, which says nothing about this model) or a hub model was loaded without one
+    (not looked up: no network)."""
+    spec = m.spec
+    if spec.local:
+        folder = Path(spec.location)
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                    "vocab.json", "tokenizer.model")):
+            return None
     if getattr(m, "tokenizer", None) is not None:
         return m.tokenizer
-    spec = m.spec
     if not spec.local:
-        return None
-    folder = Path(spec.location)
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
-                                                "vocab.json", "tokenizer.model")):
         return None
     from .models.load import load_tokenizer
 

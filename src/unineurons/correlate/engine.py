@@ -22,7 +22,7 @@ from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype, sh
 from ..checks import check_store_models
 from ..errors import UnineuronsError
 from ..io import load_checkpoint, load_tensors, save_checkpoint, save_tensors
-from ..models.load import LoadedModel, check_compatible, load_model
+from ..models.load import LoadedModel, load_model
 from ..progress import progress
 from ..rundir import RunDir
 from ..stream import MaskConfig, activation_stream
@@ -194,9 +194,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     special = store.manifest["tokenizer"]
     if models is None:
         models = [load_model(spec, device=cfg.driver_device) for spec in cfg.models]
-    check_compatible(models, store_tokenizer_fp=special.get("vocab_sha256"),
-                     store_vocab_size=special.get("vocab_size"))
-    check_store_models(models, special, store.ctx, store.path)
+    check_store_models(models, special, store.ctx, store.path)  # the check every command shares
     shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp,
                          sum(p.numel() for p in m.model.parameters()), d_model=m.adapter.d_model,
                          n_heads=int(m.model.config.num_attention_heads),

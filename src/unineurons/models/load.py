@@ -124,7 +124,8 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     except Exception as e:
         if ms.local:
             raise UnineuronsError(
-                f"model {ms.spec}: cannot load weights ({type(e).__name__}: {e}); only safetensors "
+                f"model {ms.spec}: cannot load weights ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}); only safetensors "
                 "weights are loaded"
             ) from None
         raise _hub_error(ms, e) from None
