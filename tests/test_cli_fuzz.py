@@ -10,7 +10,6 @@ print no traceback and create nothing.
 from __future__ import annotations
 
 import typing
-from pathlib import Path
 
 import pytest
 import typer
