@@ -17,16 +17,22 @@ from .errors import UnineuronsError
 
 __all__ = ["Device", "check_device", "build", "describe_error", "Backend", "BACKEND_FIELDS",
            "without_backend", "check_numbers", "check_range", "MAX_INT", "OPTION_RANGES",
-           "check_options", "check_model_ranges"]
+           "check_options", "check_model_ranges", "check_device_available"]
 
 T = TypeVar("T", bound=BaseModel)
 
 
 def check_device(v: str) -> str:
-    """``cpu``, ``cuda`` or ``cuda:i``, and for CUDA a GPU this torch can use (checked when the
-    config is made, not half-way through a run)."""
+    """``cpu``, ``cuda`` or ``cuda:i`` (whether this machine has it is
+    :func:`check_device_available`'s question: a plan may be made for another machine)."""
     if not (v == "cpu" or v == "cuda" or (v.startswith("cuda:") and v[5:].isdigit())):
         raise ValueError(f"device must be cpu or cuda[:i], not {v!r}")
+    return v
+
+
+def check_device_available(v: str) -> str:
+    """Raise ``ValueError`` unless this torch can use device ``v`` (cpu, cuda, cuda:i): checked
+    before a command starts, not half-way through a run."""
     if v != "cpu":
         import torch
 
@@ -176,10 +182,17 @@ OPTION_RANGES: dict[str, tuple[float | None, float | None]] = {
 }
 
 
-def check_options(options: dict[str, Any]) -> None:
+def check_options(options: dict[str, Any], device_here: bool = True) -> None:
     """Check a command's option values against :data:`OPTION_RANGES` (by name) and the rules
-    for every number; raise :class:`UnineuronsError` naming the option and its range."""
+    for every number, and (``device_here``) that ``device`` exists on this machine; raise
+    :class:`UnineuronsError` naming the option and its range."""
     check_numbers(**options)
+    dev = options.get("device")
+    if device_here and isinstance(dev, str):
+        try:
+            check_device_available(check_device(dev))
+        except ValueError as e:
+            raise UnineuronsError(f"option --device: {e}") from None
     for name, v in options.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
@@ -194,6 +207,11 @@ def check_model_ranges(model: BaseModel, where: str = "config", prefix: str = ""
     for name in type(model).model_fields:
         v = getattr(model, name)
         key = f"{prefix}{name}"
+        if name == "device" and isinstance(v, str):
+            try:
+                check_device_available(v)
+            except ValueError as e:
+                raise UnineuronsError(f"{where}: key {key!r}: {e}") from None
         if isinstance(v, BaseModel):
             check_model_ranges(v, where, f"{key}.")
             continue

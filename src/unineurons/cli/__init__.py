@@ -47,14 +47,15 @@ _register_all()
 
 def _checked(fn):
     """``fn`` with its numeric options checked first (:func:`unineurons.config.check_options`):
-    NaN, infinities and out-of-range values are refused before the command does anything."""
+    NaN, infinities and out-of-range values, and a device this machine lacks (except for
+    ``plan``, which plans for another machine), are refused before the command does anything."""
     import functools
 
     @functools.wraps(fn)  # typer reads the options from the wrapped signature
     def wrapper(*args, **kwargs):
         from ..config import check_options
 
-        check_options(kwargs)
+        check_options(kwargs, device_here=fn.__name__ != "plan")
         return fn(*args, **kwargs)
 
     return wrapper
