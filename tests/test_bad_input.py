@@ -483,3 +483,16 @@ def test_conditional_moments_of_a_constant_neuron():
             within = (on.mean() * xs[on, j].var() + (1 - on.mean()) * xs[~on, j].var())
             np.testing.assert_allclose(r["vr"][f, j].item(), 1 - within / xs[:, j].var(),
                                        rtol=1e-9)
+
+
+def test_a_damaged_zoo_resume_state_has_a_fix_that_works(tiny_store, tmp_path, capsys):
+    args = ["zoo", "train", "--tokens", tiny_store, "--out", tmp_path / "zoo", "--preset",
+            "micro", "--seeds", "0,1", "--steps", "4", "--workers", "1"]
+    rc, _, err = cli(capsys, *args)
+    assert rc == 0, err
+    state = tmp_path / "zoo" / "seed1" / "resume" / "state.json"
+    state.write_text(state.read_text()[:40])
+    line = refused(capsys, *args, match="delete the folder")
+    shutil.rmtree(line.split("delete the folder ")[1].split(" and rerun")[0])  # as told
+    rc, _, err = cli(capsys, *args)
+    assert rc == 0, err
