@@ -496,3 +496,11 @@ def test_a_damaged_zoo_resume_state_has_a_fix_that_works(tiny_store, tmp_path, c
     shutil.rmtree(line.split("delete the folder ")[1].split(" and rerun")[0])  # as told
     rc, _, err = cli(capsys, *args)
     assert rc == 0, err
+
+
+def test_a_pipeline_failing_in_its_first_stage_leaves_nothing(tmp_path, capsys):
+    cfg = tmp_path / "p.toml"
+    cfg.write_text(f"out = '{tmp_path / 'out'}'\n[tokenizer]\nvocab_size = 300\n"
+                   f"source = 'jsonl:{tmp_path / 'missing.jsonl'}'\n")
+    refused(capsys, "run", cfg, match="missing.jsonl")
+    assert not (tmp_path / "out").exists()

@@ -216,7 +216,7 @@ def prepare_out_dir(path: str | os.PathLike, kind: str, *, exist_ok: bool = True
         while not top.parent.exists():
             top = top.parent
         path.mkdir(parents=True, exist_ok=True)
-        _CREATED.append(top)
+        _CREATED.append((top, kind))
     from . import lock
 
     if lock.hold_on_open:  # a CLI command: one at a time per folder; sweeps stale temp files
@@ -228,22 +228,29 @@ def prepare_out_dir(path: str | os.PathLike, kind: str, *, exist_ok: bool = True
     return path
 
 
-#: folders :func:`prepare_out_dir` created in this process (oldest first)
-_CREATED: list[Path] = []
+#: folders :func:`prepare_out_dir` created in this process (oldest first), with their kind
+_CREATED: list[tuple[Path, str]] = []
+
+#: Kinds whose finished parts a rerun reuses (a pipeline's stages, a zoo's seeds and
+#: checkpoints): a failure later on keeps them rather than throw away hours of training.
+KEEP_ON_FAILURE = ("pipeline", "zoo")
 
 
 def created_outputs() -> list[Path]:
     """The output folders made by this process so far (the CLI removes them on failure)."""
-    return list(_CREATED)
+    return [p for p, _ in _CREATED]
 
 
 def remove_created_outputs(since: int = 0) -> list[Path]:
     """Remove the folders :func:`prepare_out_dir` made (from the ``since``-th on), newest
-    first, with everything in them: what a failed command made is not left behind."""
+    first, with everything in them: what a failed command made is not left behind (except
+    the kinds in :data:`KEEP_ON_FAILURE`, whose finished parts a rerun resumes from)."""
     gone = []
     while len(_CREATED) > since:
-        p = _CREATED.pop()
-        if p.exists():
+        p, kind = _CREATED.pop()
+        holds_work = kind in KEEP_ON_FAILURE and p.is_dir() and any(
+            q.is_dir() and not q.name.startswith(".") for q in p.iterdir())  # stages, seeds
+        if not holds_work and p.exists():
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p)
     return gone
