@@ -148,3 +148,55 @@ def test_count_of_tries():
             if p.opts and p.opts[0].startswith("--") and p.name != "help")
     print(f"{n} invalid option values over {len(COMMANDS)} commands")
     assert n > 200
+
+
+def _config_fields(model_cls, prefix=()):
+    """(key path, annotation) of every leaf field of a pipeline config model, nested."""
+    from pydantic import BaseModel
+
+    for name, f in model_cls.model_fields.items():
+        ann = f.annotation
+        inner = [a for a in typing.get_args(ann) if a is not type(None)] or [ann]
+        sub = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is not None:
+            yield from _config_fields(sub, (*prefix, name))
+        else:
+            yield (*prefix, name), ann
+
+
+def _toml_bad_values(ann) -> list[str]:
+    t = _base_type(ann)
+    is_list = typing.get_origin(ann) is list or any(
+        typing.get_origin(a) is list for a in typing.get_args(ann))
+    vals = {int: ["-1", HUGE], float: ["nan", "inf", "-inf"]}.get(t, [])
+    return [f"[{v}]" for v in vals] if is_list else vals
+
+
+def test_every_numeric_config_key_of_run_is_checked(tmp_path, capsys, monkeypatch):
+    """``unineurons run`` holds every numeric key of the TOML to the same rules, naming it."""
+    from unineurons.pipeline import PipelineConfig
+
+    monkeypatch.chdir(tmp_path)
+    tried, failures = 0, []
+    for key, ann in _config_fields(PipelineConfig):
+        if len(key) < 2:
+            continue
+        section, *rest = key
+        for value in _toml_bad_values(ann):
+            tried += 1
+            toml = tmp_path / "bad.toml"
+            head = ".".join(rest[:-1])
+            toml.write_text(f"out = '{tmp_path / 'out'}'\n[{section}{'.' + head if head else ''}]"
+                            f"\n{rest[-1]} = {value}\n")
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                main(["run", str(toml)])
+            err = capsys.readouterr().err
+            dotted = ".".join(key)
+            named = dotted in err or (f"'{'.'.join(key[:-1])}'" in err and key[-1] in err)
+            if e.value.code in (0, None) or "Traceback" in err or not named \
+                    or len(err.strip().splitlines()) != 1 or (tmp_path / "out").exists():
+                failures.append(f"{dotted} = {value}: {err.strip()[:200]!r}")
+    print(f"run: {tried} invalid config values tried")
+    assert tried > 20
+    assert not failures, "\n".join(failures)
