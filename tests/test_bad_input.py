@@ -183,7 +183,7 @@ def test_non_utf8_config_and_token_class(run_dir, tmp_path, capsys):
     assert snapshot(run) == before
 
 
-@pytest.mark.parametrize("when", ["import", "call"])
+@pytest.mark.parametrize("when", ["import", "call", "syntax"])
 def test_feature_module_errors_are_the_users(when, run_dir, tmp_path, capsys, monkeypatch):
     import unineurons.features as features
 
@@ -193,10 +193,15 @@ def test_feature_module_errors_are_the_users(when, run_dir, tmp_path, capsys, mo
             "@register_token_class('broken_" + when + "', 'always fails')\n"
             "def broken(token):\n"
             "    return 1 / 0\n")
-    mod.write_text(body if when == "call" else "x = 1\nraise ZeroDivisionError('at import')\n")
+    mod.write_text({"call": body, "import": "x = 1\nraise ZeroDivisionError('at import')\n",
+                    "syntax": "x = (1,\n"}[when])
     run = copy_run(run_dir, tmp_path)
     line = refused(capsys, "analyze", run, "--feature-module", mod)
-    assert "your code raised ZeroDivisionError" in line and f"{mod}:" in line
+    assert f"{mod}:" in line
+    if when == "syntax":
+        assert "your code does not compile" in line
+        return
+    assert "your code raised ZeroDivisionError" in line
     assert "unineurons/" not in line.split("(at", 1)[1]  # only the user's frames
 
 

@@ -109,6 +109,11 @@ def _os_error(e: OSError) -> str:
 
 def _unexpected(e: BaseException) -> tuple[str, int]:
     """(one-line message, exit code) for an exception that is not a UnineuronsError."""
+    from ..errors import USER_CODE
+
+    if isinstance(e, SyntaxError) and e.filename in USER_CODE:
+        return (f"your code does not compile: {e.msg} (at {e.filename}:{e.lineno}); fix the "
+                "feature module", 1)
     frames = user_code_frames(e)
     if frames:  # raised in the user's own --feature-module: their error, their frames
         return (f"your code raised {type(e).__name__}: {e} (at {' <- '.join(reversed(frames))}); "
