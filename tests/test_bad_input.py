@@ -509,3 +509,12 @@ def test_a_pipeline_failing_in_its_first_stage_leaves_nothing(tmp_path, capsys):
                    f"source = 'jsonl:{tmp_path / 'missing.jsonl'}'\n")
     refused(capsys, "run", cfg, match="missing.jsonl")
     assert not (tmp_path / "out").exists()
+
+
+def test_correlate_plan_beyond_free_memory(models, tiny_store, tmp_path, capsys, monkeypatch):
+    import unineurons.checks as checks
+
+    monkeypatch.setattr(checks, "available_memory", lambda: 1000)
+    refused(capsys, "correlate", "-m", models[0], "-m", models[1], "--tokens", tiny_store,
+            "--out", tmp_path / "run", match="GB are available")
+    assert not (tmp_path / "run").exists()

@@ -225,3 +225,17 @@ def check_memory(need_bytes: int, what: str, fix: str) -> None:
     if have is not None and need_bytes > have:
         raise UnineuronsError(f"{what} needs about {need_bytes / 1e9:,.1f} GB of memory, "
                               f"{have / 1e9:,.1f} GB are available; {fix}")
+
+
+def check_plan_memory(peak_bytes: int, device: str) -> None:
+    """Refuse a memory plan whose estimated peak exceeds what the device has free now: host
+    memory for ``cpu``, the GPU's free memory for ``cuda[:i]``."""
+    fix = "lower --memory-budget (more passes) or --batch-size"
+    if device.startswith("cuda"):
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            if peak_bytes > free:
+                raise UnineuronsError(f"the plan needs about {peak_bytes / 1e9:,.1f} GB on {device}, "
+                                      f"{free / 1e9:,.1f} GB are free there; {fix}")
+        return
+    check_memory(peak_bytes, "the plan", fix)

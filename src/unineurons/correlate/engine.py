@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype, shift_of, shifted
-from ..checks import check_store_models
+from ..checks import check_plan_memory, check_store_models
 from ..errors import UnineuronsError
 from ..io import load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from ..models.load import LoadedModel, load_model
@@ -202,6 +202,8 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     accumulate = accumulate_tokens(cfg, shapes, store.ctx)
     chash = _config_hash(cfg, models, store, accumulate)
     plan = plan_for(cfg, shapes, store.ctx)
+    if cfg.backend == "local":
+        check_plan_memory(plan.peak_bytes, cfg.driver_device)  # not killed half-way, silently
     run = RunDir.create(out)
 
     done = run.manifest().get("correlate")
