@@ -363,9 +363,16 @@ def test_run_reopened_from_another_folder(models, tiny_store, tmp_path, capsys, 
     rc, _, err = cli(capsys, "intervene", "proj/run", "--neuron", "L0.N1", "--values", "0",
                      "--random-baseline", "0")
     assert rc == 0, err
-    # moved away: one line naming the folder, never a hub lookup
+    # the store moved: the error says how to point at it, and that works
+    shutil.move(work / "store", tmp_path / "store2")
+    refused(capsys, "intervene", "proj/run", "--neuron", "L0.N1", match="--tokens")
+    rc, _, err = cli(capsys, "intervene", "proj/run", "--neuron", "L0.N1", "--values", "0",
+                     "--random-baseline", "0", "--tokens", "store2")
+    assert rc == 0, err
+    # a model moved away: one line naming the folder, never a hub lookup
     shutil.move(work / "m0", tmp_path / "elsewhere")
-    refused(capsys, "intervene", "proj/run", "--neuron", "L0.N1", match="no longer exists")
+    refused(capsys, "intervene", "proj/run", "--neuron", "L0.N1", "--tokens", "store2",
+            match="no longer exists")
 
 
 def test_store_tokenizer_path_is_absolute_and_a_moved_one_is_named(tiny_corpus, tiny_tokenizer,
