@@ -79,12 +79,6 @@ class Backend(BaseModel):
 
     @model_validator(mode="after")
     def _ray_options(self):
-        if self.backend == "ray":
-            import importlib.util
-
-            if importlib.util.find_spec("ray") is None:
-                raise ValueError("--backend ray needs Ray, which is not installed: pip install "
-                                 "'unineurons[ray]', or use --backend local")
         if self.backend != "ray":
             given = [name for name, default in (("ray_address", None), ("workers", 1),
                                                 ("cpus_per_worker", 1))
@@ -187,6 +181,10 @@ def check_options(options: dict[str, Any], device_here: bool = True) -> None:
     for every number, and (``device_here``) that ``device`` exists on this machine; raise
     :class:`UnineuronsError` naming the option and its range."""
     check_numbers(**options)
+    if options.get("backend") == "ray":  # before anything is made, not when the stage starts
+        from .sharding import require_ray
+
+        require_ray()
     dev = options.get("device")
     if device_here and isinstance(dev, str):
         try:
@@ -207,6 +205,10 @@ def check_model_ranges(model: BaseModel, where: str = "config", prefix: str = ""
     for name in type(model).model_fields:
         v = getattr(model, name)
         key = f"{prefix}{name}"
+        if name == "backend" and v == "ray":
+            from .sharding import require_ray
+
+            require_ray()
         if name == "device" and isinstance(v, str):
             try:
                 check_device_available(v)
