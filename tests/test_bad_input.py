@@ -251,6 +251,7 @@ def test_killed_build_leaves_no_hidden_folder_for_ever(tiny_corpus, tiny_tokeniz
                      tiny_tokenizer, "--ctx", "64", "--n-tokens", "256", "--out", tmp_path / "store")
     assert rc == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    assert not (tmp_path / "store" / ".unineurons.lock").exists()  # released with the command
 
 
 # ---- 5. refused runs leave nothing behind --------------------------------------------------

@@ -127,6 +127,9 @@ def held(folder: str | os.PathLike) -> bool:
 def release_all() -> None:
     """Remove every lock this process holds (the CLI calls it when a command ends)."""
     for key, lock in list(_HELD.items()):
+        if not lock.exists() and key.name.startswith(".") and key.name.endswith(".tmp"):
+            # a staging folder ``.OUT.XXXX.tmp`` renamed onto OUT: its lock went with it
+            lock = key.parent / key.name[1:-4].rsplit(".", 1)[0] / LOCK_NAME
         info = _read(lock)
         if info is not None and info.get("pid") == os.getpid():
             lock.unlink(missing_ok=True)
