@@ -32,16 +32,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .analyses.ablate import AblateConfig
 from .analyses.analyze import AnalyzeConfig
 from .analyses.dynamics import DynamicsConfig
-from .config import Backend, describe_error, without_backend
+from .config import Backend, check_model_ranges, describe_error, without_backend
 from .errors import UnineuronsError
-from .io import prepare_out_dir, read_json, write_json
+from .io import prepare_out_dir, read_json, read_text, write_json
 from .report.build import ReportConfig
 
 __all__ = ["PipelineConfig", "load_config", "run_pipeline", "builtin_config"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class TokenizerStage(_Section):
@@ -146,16 +146,18 @@ def load_config(path: str | Path | None = None, text: str | None = None,
         p = Path(path)  # type: ignore[arg-type]
         if not p.is_file():
             raise UnineuronsError(f"config file {p} does not exist")
-        text = p.read_text()
+        text = read_text(p, "config file")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UnineuronsError(f"{where} is not valid TOML: {e}") from None
     data.update(overrides or {})
     try:
-        return PipelineConfig(**data)
+        cfg = PipelineConfig(**data)
     except ValidationError as e:
         raise _validation_error(e, where) from None
+    check_model_ranges(cfg, where)  # the ranges of the command-line options, by key
+    return cfg
 
 
 def builtin_config(name: str) -> str:

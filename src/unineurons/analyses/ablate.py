@@ -35,6 +35,7 @@ import torch
 from pydantic import ConfigDict, Field, field_validator
 
 from ..accumulators.moments import Moments
+from ..checks import check_store_models
 from ..config import Backend, Device
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
@@ -83,7 +84,7 @@ class AblateConfig(Backend):
     ``backend="ray"`` the patched forward passes run as token shards on Ray workers
     (analyses.ablate_shards); the means of ``method="mean"`` are streamed here."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     models: list[str] | None = Field(None, description="Model specs of the run; all when unset.")
     sets: list[Literal["universal", "non-universal", "random", "universal-calibrated"]] = Field(
@@ -332,6 +333,7 @@ def run_ablations(run: Any, cfg: AblateConfig) -> pd.DataFrame:
     frames = []
     for e in entries:
         m = load_run_model(e, cfg.driver_device)
+        check_store_models([m], special, contexts.shape[1], tok_info["path"])
         frames.append(ablate_model(m, tables[e["spec"]], contexts, special, cfg, run=run,
                                    tokens_info=tok_info))
         del m

@@ -64,7 +64,7 @@ class DynamicsConfig(Backend):
     ``backend="ray"`` every step's correlate stage and ablations run as token shards on Ray
     workers."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     zoo: str | None = Field(None, description="Seed zoo folder (`unineurons zoo train`); its "
                             "checkpoints are the steps. Give either zoo or model_template.")

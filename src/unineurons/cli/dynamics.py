@@ -179,12 +179,11 @@ def dynamics(
 
         raise UnineuronsError("--families-file adds seed families for --family; give --family "
                               "NAME too")
-    acfg = None
-    if ablate:
-        acfg = build(AblateConfig, sets=_items("universal,non-universal,random", "--sets"),
-                       method=ablate_method, sizes=_sizes(ablate_sizes),
-                       random_draws=ablate_draws, rank_all=rank_all, n_tokens=ablate_n_tokens,
-                       batch_size=batch_size, device=device)
+    # validated without --ablate too: a bad value is refused, never ignored
+    acfg = build(AblateConfig, sets=_items("universal,non-universal,random", "--sets"),
+                   method=ablate_method, sizes=_sizes(ablate_sizes),
+                   random_draws=ablate_draws, rank_all=rank_all, n_tokens=ablate_n_tokens,
+                   batch_size=batch_size, device=device)
     cfg = build(
         DynamicsConfig, zoo=None if zoo is None else str(zoo),
         seeds=None if seeds is None else list(parse_int_list(seeds, "--seeds")),
@@ -194,7 +193,8 @@ def dynamics(
         tokens=str(tokens), n_tokens=n_tokens, universal=universal, threshold=threshold,
         null_rotations=null_rotations, fdr=fdr,
         pairs=pairs, batch_size=batch_size, device=device, dtype=dtype,
-        memory_budget=memory_budget, drop_newline=not keep_newline, ablate=acfg, backend=backend,
+        memory_budget=memory_budget, drop_newline=not keep_newline, ablate=acfg if ablate else None,
+        backend=backend,
         ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker)
     res = run_dynamics(cfg, out, say=lambda m: console.print(m, highlight=False))
     show_dynamics(res)

@@ -132,6 +132,8 @@ def _print_info(info: dict, console) -> None:
                       ",".join(map(str, s["checkpoints"])) or "-", fmt(s["train_loss"]),
                       fmt(s["heldout_loss"]), fmt(s["elapsed_s"], ".0f") + " s")
     console.print(table)
+    for note in info.get("notes", []):
+        console.print(f"[yellow]note[/]: {note}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -16,7 +16,7 @@ __all__ = ["CorrelateConfig"]
 class CorrelateConfig(Backend):
     """Cross-seed neuron correlations, the rotation baseline and universal neurons."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     models: list[str] = Field(description="Model specs (folder or HUB_ID[@REVISION]); the first is the reference.")
     tokens: str = Field(description="Token store folder.")

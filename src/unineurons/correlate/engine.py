@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype, shift_of, shifted
+from ..checks import check_plan_memory, check_store_models
 from ..errors import UnineuronsError
 from ..io import load_checkpoint, load_tensors, save_checkpoint, save_tensors
-from ..models.load import LoadedModel, check_compatible, load_model
+from ..models.load import LoadedModel, load_model
 from ..progress import progress
 from ..rundir import RunDir
 from ..stream import MaskConfig, activation_stream
@@ -221,8 +222,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     special = store.manifest["tokenizer"]
     if models is None:
         models = [load_model(spec, device=cfg.driver_device) for spec in cfg.models]
-    check_compatible(models, store_tokenizer_fp=special.get("vocab_sha256"),
-                     store_vocab_size=special.get("vocab_size"))
+    check_store_models(models, special, store.ctx, store.path)  # the check every command shares
     shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp,
                          sum(p.numel() for p in m.model.parameters()), d_model=m.adapter.d_model,
                          n_heads=int(m.model.config.num_attention_heads),
@@ -230,6 +230,8 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     accumulate = accumulate_tokens(cfg, shapes, store.ctx)
     chash = _config_hash(cfg, models, store, accumulate)
     plan = plan_for(cfg, shapes, store.ctx)
+    if cfg.backend == "local":
+        check_plan_memory(plan.peak_bytes, cfg.driver_device)  # not killed half-way, silently
     run = RunDir.create(out)
 
     done = run.manifest().get("correlate")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,9 @@ def shape_from_config(spec: str) -> ModelShape:
     from ..models.load import parse_model_spec
 
     ms = parse_model_spec(spec)
+    if ms.local and not (Path(ms.location) / "config.json").is_file():
+        raise UnineuronsError(f"model folder {spec} has no config.json; give the folder a model "
+                              "was saved to (save_pretrained), or a hub id")
     try:
         cfg = AutoConfig.from_pretrained(ms.location, revision=ms.revision)
     except Exception as e:

@@ -187,6 +187,21 @@ def _load_state(sdir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
     path = sdir / "resume" / "state.json"
     if not path.is_file():
         return None
+    try:
+        return _restore(path, sdir, model, opt, fingerprint)
+    except (UnineuronsError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        if isinstance(e, UnineuronsError) and "delete " + str(sdir) in str(e):
+            raise  # an older format or other settings: its own message
+        raise UnineuronsError(
+            f"the resume state in {sdir / 'resume'} is damaged ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}); delete the folder "
+            f"{sdir / 'resume'} and rerun: that seed trains again from step 0"
+        ) from None
+
+
+def _restore(path: Path, sdir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+             fingerprint: str) -> dict:
+    """:func:`_load_state` on an existing ``resume/state.json``."""
     state = read_json(path, "resume state")
     if state.get("format") != RESUME_FORMAT:
         raise UnineuronsError(
