@@ -232,10 +232,17 @@ def test_universal_paper_and_calibrated(run, shared, tmp_path):
         list(zip(want.layer, want.neuron, strict=True))
     assert (got["model"] == models[0]).all() and len(got) >= 40
     assert not got["neuron"].isin(BROKEN).any()  # the re-drawn neurons are not universal
-    with pytest.raises(UnineuronsError, match="is_universal_calibrated"):
-        run.universal("calibrated")
+    # the correlate stage writes the calibrated criterion (q < fdr against the rotation null)
+    cal_rows = run.universal("calibrated")
+    flagged = n[n["is_universal_calibrated"].fillna(False).astype(bool)]
+    assert sorted(zip(cal_rows.layer, cal_rows.neuron, strict=True)) == \
+        sorted(zip(flagged.layer, flagged.neuron, strict=True))
     with pytest.raises(UnineuronsError, match="criterion"):
         run.universal("strict")  # type: ignore[arg-type]
+    older = un.open_run(copy_run(run.path, tmp_path / "older"))
+    older._rd.write_table("neurons", n.drop(columns=["is_universal_calibrated"]))
+    with pytest.raises(UnineuronsError, match="is_universal_calibrated"):
+        older.universal("calibrated")  # a run made without the calibrated criterion
     other = un.open_run(copy_run(run.path, tmp_path / "calib"))
     cal = n.assign(is_universal_calibrated=n["is_universal"] & (n["layer"] == 1))
     other._rd.write_table("neurons", cal)

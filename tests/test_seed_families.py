@@ -4,7 +4,7 @@ syntax, user files, and ``--family`` on the commands."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from unineurons.errors import UnineuronsError
@@ -82,6 +82,7 @@ def test_parse_seeds_rejects(bad):
 
 @given(st.lists(st.tuples(st.integers(0, 500), st.integers(0, 500), st.integers(1, 60)),
                 min_size=1, max_size=4), st.lists(st.integers(0, 999), max_size=5))
+@settings(suppress_health_check=[HealthCheck.too_slow], deadline=None)  # shared, loaded CPUs
 def test_expand_steps_matches_range_union(ranges, singles):
     items = [f"{a}-{a + b}:{e}" for a, b, e in ranges] + singles
     want = set(singles)
@@ -192,8 +193,8 @@ def test_dynamics_family_template():
         family_template("pythia-70m", None, None, None)
 
 
-class _Stop(Exception):
-    pass
+class _Stop(UnineuronsError):
+    """Raised by the faked stage once it has seen its arguments; the CLI turns it into exit 1."""
 
 
 def _capture(monkeypatch, module: str, name: str, seen: dict):
@@ -217,7 +218,7 @@ def test_analyze_ablate_dynamics_expand_the_family(tmp_path, monkeypatch):
     monkeypatch.delenv(SEED_FAMILIES_ENV, raising=False)
     seen: dict = {}
     _capture(monkeypatch, "unineurons.analyses.analyze", "analyze_models", seen)
-    with pytest.raises(_Stop):
+    with pytest.raises(SystemExit):
         main(["analyze", "--family", "pythia-70m", "--seeds", "2,0", "--step", "512",
               "--tokens", str(tmp_path), "--out", str(tmp_path / "a"), "--safetensors-only"])
     assert seen["args"][0] == ["EleutherAI/pythia-70m-seed2@step512", "EleutherAI/pythia-70m@step512"]
@@ -229,7 +230,7 @@ def test_analyze_ablate_dynamics_expand_the_family(tmp_path, monkeypatch):
     seen.clear()
     _capture(monkeypatch, "unineurons.analyses.ablate", "run_ablations", seen)
     monkeypatch.setattr("unineurons.rundir.RunDir.open", classmethod(lambda cls, p: p))
-    with pytest.raises(_Stop):
+    with pytest.raises(SystemExit):
         main(["ablate", str(tmp_path), "--family", "crfm-gpt2-small", "--seeds", "49",
               "--step", "400000"])
     assert seen["args"][1].models == ["stanford-crfm/battlestar-gpt2-small-x49@checkpoint-400000"]
@@ -237,7 +238,7 @@ def test_analyze_ablate_dynamics_expand_the_family(tmp_path, monkeypatch):
 
     seen.clear()
     _capture(monkeypatch, "unineurons.analyses.dynamics", "run_dynamics", seen)
-    with pytest.raises(_Stop):
+    with pytest.raises(SystemExit):
         main(["dynamics", "--family", "pythia-160m-data-seed", "--seeds", "0-1",
               "--steps", "1000,143000", "--tokens", str(tmp_path), "--out", str(tmp_path / "d")])
     cfg = seen["args"][0]

@@ -100,6 +100,6 @@ def test_export_command_equals_the_api(run, tmp_path, capsys):
     assert rc == 0 and f"{len(run.universal())} neurons written" in out
     doc = json.loads((tmp_path / "u.json").read_text())
     assert [r["address"] for r in doc["neurons"]] == list(run.universal()["address"])
-    rc, _, err = _cli(capsys, "export", run.path, "--criterion", "calibrated")
-    assert rc == 1 and "is_universal_calibrated" in err
+    rc, out, _ = _cli(capsys, "export", run.path, "--criterion", "calibrated")
+    assert rc == 0 and out == run.export(criterion="calibrated")
     assert not (tmp_path / "nothing").exists()
