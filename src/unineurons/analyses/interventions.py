@@ -33,6 +33,7 @@ from ..config import Device
 from ..errors import UnineuronsError
 from ..models.adapters import neuron_name, parse_neuron
 from ..models.load import LoadedModel, load_model
+from ..models.partial import record_block_inputs, restart_at
 from ..progress import progress
 
 __all__ = ["LMMetrics", "NeuronPatch", "make_patch", "target_mask", "final_norm_scale",
@@ -251,6 +252,7 @@ def patch_metrics(m: LoadedModel, contexts: np.ndarray, special: dict,
                    for p in patches]
     clean = LMMetrics(ad.vocab_size, device)
     accs = [LMMetrics(ad.vocab_size, device) for _ in patches]
+    restarts = sorted({min(p) for p in patches if p and min(p) > 0})
     for b0 in range(start, contexts.shape[0], batch_size):
         tokens = torch.from_numpy(np.asarray(contexts[b0:b0 + batch_size]).astype(np.int64))
         if int(tokens.max()) >= ad.vocab_size:
@@ -261,11 +263,14 @@ def patch_metrics(m: LoadedModel, contexts: np.ndarray, special: dict,
         tokens = tokens.to(device)  # [B, T]
         valid = target_mask(tokens, special)  # [B, T-1]
         targets = tokens[:, 1:][valid]  # [n]
-        clean_logp, clean_scale = _forward(m, tokens, valid)
+        # the residual entering each patch's first layer, to restart there (models/partial.py)
+        with record_block_inputs(ad, restarts) as inputs:
+            clean_logp, clean_scale = _forward(m, tokens, valid)
         clean.update(clean_logp, targets, clean_scale, clean_logp)
         advance(tokens.numel())
         for patch, acc in zip(dev_patches, accs, strict=True):
-            with ad.intervene(_patch_fn(patch), layers=sorted(patch)):
+            with ad.intervene(_patch_fn(patch), layers=sorted(patch)), \
+                    restart_at(ad, min(patch, default=0), inputs):
                 logp, scale = _forward(m, tokens, valid)
             acc.update(logp, targets, scale, clean_logp)
             advance(tokens.numel())
