@@ -67,14 +67,6 @@ def _cross(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     return xs.T @ ys
 
 
-def _cross_plus(base: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
-    """``base + xsᵀ ys`` in ``base`` (float32 ``[da, db]``): for float32 inputs the GEMM adds
-    into ``base`` itself (beta = 1), so no second pass over a product is made."""
-    if xs.dtype == torch.float32:
-        return base.addmm_(xs.T, ys)
-    return base.add_(_cross(xs, ys))
-
-
 def _co_example(seed: int):
     g = torch.Generator().manual_seed(seed)
     batches = []
@@ -129,14 +121,14 @@ class CoMoments:
         # rank-2 product
         left = torch.stack([-sum_x / nb, dx * (na * nb / n)], dim=1)  # [da, 2]
         right = torch.stack([sum_y, dy], dim=0)  # [2, db]
-        if xs.dtype == torch.float64:
+        if xs.dtype == torch.float32:
+            # the rank-2 terms in float32 first, the GEMM adds onto them (beta = 1), then a
+            # single float64 read-modify-write of C: one pass over the float64 matrix per fold,
+            # not two. The rank-2 terms get a float32 rounding of their own size (relative
+            # 6e-8), below the GEMM's; tests/test_comoments_fast.py bounds it against float64
+            self.c.add_(left.float().mm(right.float()).addmm_(xs.T, ys))
+        else:  # float64, or bf16 (whose product comes out separately anyway)
             self.c.add_(_cross(xs, ys)).addmm_(left, right)
-        else:
-            # the rank-2 terms in float32 first, the GEMM adds onto them, then a single float64
-            # read-modify-write of C: one pass over the float64 matrix per fold, not two. The
-            # rank-2 terms get a float32 rounding of their own size (relative 6e-8), well
-            # below the GEMM's; tests/test_comoments_fast.py bounds the whole against float64
-            self.c.add_(_cross_plus(left.float() @ right.float(), xs, ys))
         self.mean_x += dx * (nb / n)
         self.mean_y += dy * (nb / n)
         self.n = self.n + nb
