@@ -31,7 +31,8 @@ from unineurons.tokens import TokenStore
 N_TOK = 256  # 4 contexts of 64
 ABLATION_COLUMNS = ["model", "set", "method", "layer", "size", "draw", "n_requested", "n_ablated",
                     "capped", "n_above_threshold", "loss", "delta_loss", "kl", "entropy",
-                    "delta_entropy", "top1_acc", "efficiency"]
+                    "delta_entropy", "top1_acc", "efficiency", "delta_loss_lo", "delta_loss_hi",
+                    "delta_entropy_lo", "delta_entropy_hi", "n_targets", "delta_loss_boot"]
 
 
 def make_gpt2(path: Path, seed: int = 0) -> Path:

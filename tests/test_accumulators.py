@@ -14,7 +14,7 @@ import unineurons.accumulators.comoments  # noqa: F401
 import unineurons.analyses.interventions  # noqa: F401
 from unineurons.accumulators.base import REGISTRY, check_accumulator
 
-EXPECTED = {"Moments", "CoMoments", "LayerCov", "TopK", "ConditionalMoments", "PositionStats",
+EXPECTED = {"Moments", "CoMoments", "LayerCov", "TopK", "ConditionalMoments", "PositionStats", "ContextSums",
             "LMMetrics"}
 
 

@@ -50,13 +50,31 @@ __all__ = ["Vocabulary", "TokenContext", "Feature", "FeatureFn", "FEATURES", "re
 
 
 class Vocabulary:
-    """The decoded string of every token id, and cached per-token lookup tables."""
+    """The string of every token id, and cached per-token lookup tables.
 
-    def __init__(self, strings: Sequence[str], special_ids: Sequence[int] = ()):
+    ``strings[i]`` is token ``i``'s own text (:func:`unineurons.tokenizer.vocab_strings`: a
+    SentencePiece ``▁in`` is `` in``, so ``leading_space`` holds for it). With ``pieces`` (each
+    id's bytes, :func:`unineurons.tokenizer.token_bytes`), :meth:`sequence_strings` gives
+    strings whose concatenation is a sequence's text even where a character is split over
+    tokens (byte fallback, byte-level BPE).
+    """
+
+    def __init__(self, strings: Sequence[str], special_ids: Sequence[int] = (),
+                 pieces: Sequence[bytes] | None = None):
         self.strings = np.array(list(strings), dtype=object)  # [V]
         self.special_ids = sorted({int(i) for i in special_ids if i is not None and
                                    0 <= int(i) < len(self.strings)})
         self._tables: dict[Any, np.ndarray] = {}
+        self.pieces = None if pieces is None else list(pieces) + [b""] * (len(self.strings)
+                                                                         - len(pieces))
+        #: bool [V]: tokens whose bytes are not whole UTF-8 characters on their own
+        self.partial = np.zeros(len(self.strings), dtype=bool)
+        if self.pieces is not None:
+            for i, b in enumerate(self.pieces):
+                try:
+                    b.decode("utf-8")
+                except UnicodeDecodeError:
+                    self.partial[i] = True
 
     def __len__(self) -> int:
         return len(self.strings)
@@ -64,15 +82,16 @@ class Vocabulary:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, size: int | None = None,
                        special_ids: Sequence[int] = ()) -> Vocabulary:
-        """Decode every id of ``tokenizer`` on its own; ids past the tokenizer (a model's
-        padded embedding) decode to the empty string."""
+        """Every id of ``tokenizer`` (:func:`unineurons.tokenizer.token_bytes`); ids past the
+        tokenizer (a model's padded embedding) are the empty string."""
+        from .tokenizer import token_bytes, vocab_strings
+
         n_tok = len(tokenizer)
         size = n_tok if size is None else size
-        strings = tokenizer.batch_decode([[i] for i in range(min(size, n_tok))],
-                                         clean_up_tokenization_spaces=False)
+        strings = vocab_strings(tokenizer, range(min(size, n_tok)))
         strings += [""] * (size - len(strings))
         specials = list(special_ids) + list(getattr(tokenizer, "all_special_ids", []) or [])
-        return cls(strings, specials)
+        return cls(strings, specials, pieces=token_bytes(tokenizer)[:size])
 
     def lookup(self, predicate: Callable[[str], bool]) -> np.ndarray:
         """``bool [V]``: ``predicate`` on every decoded token, False for special tokens.
@@ -88,8 +107,28 @@ class Vocabulary:
         return table
 
     def decode(self, ids: np.ndarray) -> np.ndarray:
-        """Decoded strings of ``ids`` (any shape), as an object array of the same shape."""
+        """Each id's own string (:attr:`strings`) for ``ids`` (any shape), as an object array
+        of the same shape."""
         return self.strings[np.asarray(ids, dtype=np.int64)]
+
+    def sequence_strings(self, ids: np.ndarray, offsets: np.ndarray | None = None) -> np.ndarray:
+        """Object array of strings for flat ``ids`` holding sequences that start at
+        ``offsets`` (``[n + 1]``; one sequence when None), such that each sequence's strings
+        concatenate to its text (:func:`unineurons.tokenizer.join_pieces`). Equal to
+        :meth:`decode` except in sequences with a token that is part of a character."""
+        from .tokenizer import join_pieces
+
+        ids = np.asarray(ids, dtype=np.int64)
+        out = self.decode(ids).copy()
+        if self.pieces is None or not self.partial[ids].any():
+            return out
+        offsets = np.array([0, len(ids)]) if offsets is None else np.asarray(offsets)
+        c = np.concatenate([[0], np.cumsum(self.partial[ids])])
+        bad = np.nonzero(c[offsets[1:]] - c[offsets[:-1]])[0]  # sequences with a partial token
+        for j in bad:
+            a, b = int(offsets[j]), int(offsets[j + 1])
+            out[a:b] = join_pieces([self.pieces[i] for i in ids[a:b]])
+        return out
 
 
 @dataclass(frozen=True)
@@ -105,8 +144,11 @@ class TokenContext:
         return np.concatenate([t[:, :1], t[:, :-1]], axis=1)
 
     def strings(self) -> np.ndarray:
-        """[B, T] object array of decoded token strings."""
-        return self.vocab.decode(self.token_ids)
+        """[B, T] object array of token strings; each row concatenates to the context's text
+        (:meth:`Vocabulary.sequence_strings`)."""
+        t = self.token_ids
+        flat = self.vocab.sequence_strings(t.reshape(-1), np.arange(t.shape[0] + 1) * t.shape[1])
+        return flat.reshape(t.shape)
 
 
 FeatureFn = Callable[[TokenContext], "np.ndarray | torch.Tensor"]

@@ -13,12 +13,18 @@ rather than its first files; the same input gives the same tokenizer.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .corpus import ShuffledDocuments
@@ -26,7 +32,8 @@ from .errors import UnineuronsError
 from .io import prepare_out_dir, write_json
 from .progress import progress
 
-__all__ = ["train_tokenizer", "SPECIAL_TOKENS", "staged_dir", "check_out_dir"]
+__all__ = ["train_tokenizer", "SPECIAL_TOKENS", "staged_dir", "check_out_dir", "token_bytes",
+           "vocab_strings", "token_strings", "join_pieces"]
 
 #: Special tokens of a unineurons tokenizer, by their transformers attribute name. They get
 #: ids 0, 1, 2 (trainer order) so every tokenizer we train agrees on them.
@@ -133,3 +140,128 @@ def train_tokenizer(source: str, vocab_size: int, out: str | os.PathLike, *,
             "created_by": f"unineurons {__version__}",
         })
     return Path(out)
+
+
+# ---- token strings ---------------------------------------------------------------------------
+# One rule for every tokenizer: a token's text is the bytes it adds to the decoded text, and a
+# sequence's token strings are those bytes decoded incrementally as UTF-8. A character made of
+# several tokens' bytes (byte-level BPE, SentencePiece byte fallback) belongs to the token that
+# completes it; the tokens before it get "". So concatenating a context's token strings gives
+# its text, whatever the scheme. The text keeps SentencePiece's leading "▁" as a space on every
+# token, the first one included: decoders strip the space the tokenizer prepended to a text,
+# but a context or window starts anywhere in a document, and "▁in" is the word " in".
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _decoder_json(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    dec = getattr(backend, "decoder", None)
+    if dec is None:
+        return ""
+    try:
+        return dec.__getstate__().decode()  # the decoder's own JSON, without the vocabulary
+    except (AttributeError, TypeError, ValueError):
+        return ""
+
+
+def _decode_batch(tokenizer: Any, seqs: list[list[int]]) -> list[str]:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # one Rust call
+        return backend.decode_batch(seqs, skip_special_tokens=False)
+    return [tokenizer.decode(s, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            for s in seqs]
+
+
+def _anchored_strings(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each id decoded after a fixed anchor token, the anchor's text removed: a decoder's
+    start-of-text rules (strip the prepended space) hit the anchor, not the token."""
+    anchor_ids = tokenizer.encode("a", add_special_tokens=False) or [0]
+    a = int(anchor_ids[-1])
+    prefix = _decode_batch(tokenizer, [[a]])[0]
+    both = _decode_batch(tokenizer, [[a, i] for i in ids])
+    alone = _decode_batch(tokenizer, [[i] for i in ids])
+    return [b[len(prefix):] if b.startswith(prefix) else s for b, s in zip(both, alone, strict=True)]
+
+
+def _compute_token_bytes(tokenizer: Any) -> list[bytes]:
+    n = len(tokenizer)
+    ids = list(range(n))
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    added = {int(i): t.content for i, t in (getattr(tokenizer, "added_tokens_decoder", None)
+                                             or {}).items()}
+    dec = json.loads(_decoder_json(tokenizer) or "{}")
+    kinds = set(re.findall(r'"type":\s*"(\w+)"', json.dumps(dec)))
+    out: list[bytes | None] = [None] * n
+    if "ByteLevel" in kinds:  # GPT-2, GPT-NeoX, SmolLM, Qwen: pieces spell bytes
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        inv = {c: b for b, c in bytes_to_unicode().items()}
+        for i, p in enumerate(pieces):
+            if i in added or p is None:
+                continue
+            with contextlib.suppress(KeyError):  # not in the byte alphabet: decoder's text
+                out[i] = bytes(inv[c] for c in p)
+    if "ByteFallback" in kinds:  # SentencePiece: <0xNN> is one raw byte
+        for i, p in enumerate(pieces):
+            m = _BYTE_PIECE.fullmatch(p or "")
+            if m and i not in added:
+                out[i] = bytes([int(m.group(1), 16)])
+    for i, content in added.items():
+        if 0 <= i < n:
+            out[i] = content.encode("utf-8")
+    rest = [i for i in ids if out[i] is None]
+    if rest:  # everything else: the decoder's own text for the token (▁ -> space, ## ...)
+        for i, s in zip(rest, _anchored_strings(tokenizer, rest), strict=True):
+            out[i] = s.encode("utf-8")
+    return out  # type: ignore[return-value]
+
+
+def token_bytes(tokenizer: Any) -> list[bytes]:
+    """``[len(tokenizer)]``: the bytes each token id adds to the decoded text.
+
+    Byte-level BPE pieces map back through the GPT-2 byte alphabet, SentencePiece byte-fallback
+    pieces ``<0xNN>`` are their byte, added / special tokens their content (``<|endoftext|>``
+    stays text), and any other token the decoder's text for it after an anchor token (so a
+    SentencePiece ``▁in`` is `` in``). Cached per tokenizer object.
+    """
+    with contextlib.suppress(KeyError, TypeError):
+        return _CACHE[tokenizer]
+    out = _compute_token_bytes(tokenizer)
+    with contextlib.suppress(TypeError):  # not weak-referenceable: no cache
+        _CACHE[tokenizer] = out
+    return out
+
+
+def join_pieces(pieces: Sequence[bytes]) -> list[str]:
+    """Token strings of one sequence from its tokens' bytes: decoded incrementally as UTF-8,
+    each character on the token that completes it ("" for the tokens before it), invalid or
+    unfinished bytes as U+FFFD. ``"".join(result) == b"".join(pieces).decode("utf-8",
+    "replace")``."""
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out = [dec.decode(p) for p in pieces]
+    tail = dec.decode(b"", final=True)
+    if tail:
+        out[-1] += tail
+    return out
+
+
+def token_strings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """``[len(ids)]`` strings of a token sequence (a context or a window) whose concatenation
+    is its text (module rule above: SentencePiece's ``▁`` is a space on every token, special
+    tokens are their text, ids past the tokenizer, a model's padding rows, are ""). The one
+    helper every table, feature and report uses for token text."""
+    table = token_bytes(tokenizer)
+    n = len(table)
+    return join_pieces([table[i] if 0 <= i < n else b"" for i in map(int, ids)])
+
+
+def vocab_strings(tokenizer: Any, ids: Sequence[int] | None = None) -> list[str]:
+    """Each token's own string, out of context (``vocab.parquet``, token-class features): its
+    bytes as UTF-8, so a token that is part of a multi-byte character reads U+FFFD. ``ids``
+    defaults to the whole tokenizer; ids past it (padding rows) are ""."""
+    table = token_bytes(tokenizer)
+    ids = range(len(table)) if ids is None else ids
+    return [table[i].decode("utf-8", "replace") if 0 <= i < len(table) else ""
+            for i in map(int, ids)]

@@ -39,7 +39,11 @@ from ..config import Backend, Device
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
 from ..stream import activation_stream
+from .effects import BOOT_COLUMN, group_interval
+from .effects import headline as _headline
 from .interventions import (
+    CI_COLUMNS,
+    DEFAULT_BOOTSTRAP,
     evaluate_patches,
     load_run_model,
     make_patch,
@@ -96,6 +100,9 @@ class AblateConfig(Backend):
     seed: int = Field(0, description="Seed of the random sets.")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
     device: Device = Field("cpu", description="cpu or cuda[:i].")
+    n_bootstrap: int = Field(DEFAULT_BOOTSTRAP, ge=0, description="Paired-bootstrap resamples "
+                             "of the contexts behind each effect's 95% interval (seeded with "
+                             "seed); 0: no intervals.")
 
     @field_validator("method")
     @classmethod
@@ -248,7 +255,8 @@ def ablate_model(m: LoadedModel, table: pd.DataFrame, contexts: np.ndarray, spec
         _, results = ray_evaluate_patches(run, m, tokens_info, patches, cfg, desc)
     elif patches:  # all sets empty: nothing to run
         _, results = evaluate_patches(m, contexts, special, patches, batch_size=cfg.batch_size,
-                                      desc=desc)
+                                      desc=desc, n_boot=cfg.n_bootstrap, boot_seed=cfg.seed,
+                                      replicates=True)
     by_set = dict(zip(distinct, results, strict=True))
     universal = {(int(a), int(b)) for a, b, u in
                  zip(table["layer"], table["neuron"], table["is_universal"].fillna(False),
@@ -263,6 +271,9 @@ def ablate_model(m: LoadedModel, table: pd.DataFrame, contexts: np.ndarray, spec
                "n_above_threshold": sum(x in universal for x in s.neurons)}
         row.update({k: res.get(k, float("nan")) for k in _METRIC_COLS})
         row["efficiency"] = row["delta_loss"] / n if n else float("nan")
+        row.update({k: res.get(k, float("nan")) for k in CI_COLUMNS})
+        row["n_targets"] = int(res.get("n_targets", 0))
+        row[BOOT_COLUMN] = np.asarray(res.get(BOOT_COLUMN, np.zeros(0)), dtype=np.float64)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -314,52 +325,27 @@ def run_ablations(run: Any, cfg: AblateConfig) -> pd.DataFrame:
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Per (model, method, layer, set, size): draws, mean n_ablated, mean and standard
-    deviation (over draws; 0 for one draw) of delta_loss, mean KL and efficiency."""
+    deviation (over draws; 0 for one draw) of delta_loss, its 95 % interval
+    ``delta_loss_lo, delta_loss_hi`` (contexts and draws resampled:
+    :func:`~unineurons.analyses.effects.group_interval`; NaN without replicates), mean KL and
+    efficiency."""
     keys = ["model", "method", "layer", "set", "n_requested", "size"]
     g = df.groupby(keys, sort=True, dropna=False)
     out = g.agg(draws=("draw", "size"), n_ablated=("n_ablated", "mean"),
                 delta_loss=("delta_loss", "mean"),
                 delta_loss_std=("delta_loss", lambda x: float(np.std(x, ddof=0))),
                 kl=("kl", "mean"), efficiency=("efficiency", "mean")).reset_index()
+    ci = [group_interval(rows) for _, rows in g]  # same group order as the aggregation
+    out["delta_loss_lo"] = [c[0] for c in ci]
+    out["delta_loss_hi"] = [c[1] for c in ci]
     return out.drop(columns="n_requested")
 
 
-def headline(df: pd.DataFrame) -> str:
-    """How many random neurons match the loss increase of the universal set, per model and
-    method: the whole-model random curve (mean delta_loss over draws vs mean set size, from
-    (0, 0)) interpolated linearly at the universal set's delta_loss at its largest size."""
-    lines = []
-    whole = df[(df["layer"] == -1) & (df["n_ablated"] > 0)]
-    for (model, method), g in whole.groupby(["model", "method"], sort=False):
-        uni = g[g["set"] == "universal"]
-        if uni.empty:
-            lines.append(f"{model} ({method}): no universal neurons were ablated "
-                         "(none above the threshold? try --rank-all)")
-            continue
-        top = uni.loc[uni["n_ablated"].idxmax()]
-        n_u, target = int(top["n_ablated"]), float(top["delta_loss"])
-        head = (f"{model} ({method}): ablating the top {n_u} universal neurons changes loss "
-                f"by {target:+.4f} nats")
-        rnd = g[g["set"] == "random"]
-        if rnd.empty:
-            lines.append(head + "; no random sets to compare")
-            continue
-        if not target > 0:
-            lines.append(head + "; no loss increase for random neurons to match")
-            continue
-        # "all" and a number can name the same size: the same sets, so the same means
-        curve = rnd.groupby("n_requested").agg(x=("n_ablated", "mean"), y=("delta_loss", "mean"),
-                                               draws=("draw", "nunique")).sort_values("x")
-        xs = np.concatenate([[0.0], curve["x"].to_numpy(float)])
-        ys = np.concatenate([[0.0], curve["y"].to_numpy(float)])
-        hit = np.nonzero(ys >= target)[0]
-        draws = int(curve["draws"].max())
-        if hit.size == 0:
-            lines.append(head + f"; {draws} draw(s) of layer-matched random neurons need more "
-                         f"than {xs[-1]:.0f} (> {xs[-1] / n_u:.3g}x) for the same increase")
-            continue
-        i = int(hit[0])  # ys[i-1] < target <= ys[i]
-        n_r = xs[i - 1] + (target - ys[i - 1]) * (xs[i] - xs[i - 1]) / (ys[i] - ys[i - 1])
-        lines.append(head + f"; layer-matched random neurons (mean of {draws} draw(s)) need "
-                     f"about {n_r:.3g} ({n_r / n_u:.3g}x) for the same increase")
-    return "\n".join(lines) if lines else "no ablations to summarise"
+def headline(df: pd.DataFrame, sets: Sequence[str] | None = None) -> str:
+    """How many random neurons match the loss increase of each target set (``universal``, or
+    any set but ``random`` / ``non-universal``), per model and method, with 95 % intervals
+    (paired bootstrap over contexts, draws resampled) or the note that the difference is not
+    distinguishable at this token count: :func:`unineurons.analyses.effects.headline`. The
+    point value: the whole-model random curve (mean delta_loss over draws vs mean set size,
+    from (0, 0)) interpolated linearly at the target set's delta_loss at its largest size."""
+    return _headline(df, sets)

@@ -5,8 +5,9 @@ sizes: about a hundred sets), so with ``--backend ray`` the evaluation pass of
 :func:`~unineurons.analyses.interventions.evaluate_patches` runs as token shards
 (:mod:`unineurons.sharding`): each worker loads the model once and returns the clean and
 per-patch :class:`~unineurons.analyses.interventions.LMMetrics` states of its contexts; the
-driver adds them up in context order. The metrics are float64 sums and an integer rank
-histogram, so the result equals the local pass to float rounding (the rank statistics exactly).
+driver adds them up in context order. The metrics are float64 sums, an integer rank
+histogram and per-context sums (the paired bootstrap's unit), so the result equals the local
+pass to float rounding (the rank statistics and the context ids exactly).
 
 Shard files live in ``RUN/state/ablate/`` until the model's ablations are written; a rerun of
 the same command after a crash loads the finished ones (their config hash covers the weights,
@@ -26,6 +27,9 @@ from ..rundir import RunDir
 from .interventions import LMMetrics, NeuronPatch, patch_metrics, patch_results
 
 __all__ = ["ray_evaluate_patches", "patch_shard", "patches_to_json", "patches_from_json", "TASK"]
+
+#: Tensors of one LMMetrics state in a shard file (per-context sums for the bootstrap).
+_STATE_KEYS = ("n", "sums", "rank_hist", "ctx_id", "ctx_sums")
 
 #: The shard function Ray workers run.
 TASK = "unineurons.analyses.ablate_shards:patch_shard"
@@ -69,6 +73,7 @@ def ray_evaluate_patches(run: RunDir, m: LoadedModel, tokens_info: dict,
     job = {**model_job([m], tokens_info["path"], cfg.device), "patches": data,
            "batch_size": cfg.batch_size, "n_contexts": tokens_info["n_contexts"]}
     key = {k: job[k] for k in ("weights", "token_sha256", "patches", "batch_size", "n_contexts")}
+    key["state_keys"] = _STATE_KEYS  # shard files of an older layout are never merged
     job["config_hash"] = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     vocab = m.adapter.vocab_size
     clean, accs = LMMetrics(vocab), [LMMetrics(vocab) for _ in patches]
@@ -76,7 +81,7 @@ def ray_evaluate_patches(run: RunDir, m: LoadedModel, tokens_info: dict,
     def merge(fh) -> None:
         for name, acc in [("clean", clean)] + [(f"p{i}", a) for i, a in enumerate(accs)]:
             acc.merge(LMMetrics(vocab).load_state_dict(
-                {k: fh.get_tensor(f"{name}.{k}") for k in ("n", "sums", "rank_hist")}))
+                {k: fh.get_tensor(f"{name}.{k}") for k in _STATE_KEYS}))
 
     folder = run.state_dir / "ablate"
     folder.mkdir(parents=True, exist_ok=True)
@@ -91,4 +96,4 @@ def ray_evaluate_patches(run: RunDir, m: LoadedModel, tokens_info: dict,
     section[m.name] = {"address": cfg.ray_address, "workers": cfg.workers,
                        "cpus_per_worker": cfg.cpus_per_worker, **stats}
     run.update_manifest(ablate_ray=section)
-    return patch_results(clean, accs)
+    return patch_results(clean, accs, n_boot=cfg.n_bootstrap, seed=cfg.seed, replicates=True)

@@ -42,7 +42,8 @@ from .families import (
     family_duplicates,
 )
 from .interventions import load_run_model, run_contexts, run_model_entries, write_model_rows
-from .roles import RoleConfig, assign_roles, entropy_and_attention
+from .roles import RoleConfig, entropy_and_attention, role_columns
+from .vocab import real_vocab_size
 
 __all__ = ["AnalyzeConfig", "AnalyzeResult", "analyze", "analyze_run", "analyze_models",
            "select_neurons", "STAT_COLUMNS"]
@@ -111,6 +112,10 @@ class AnalyzeResult:
     roles: pd.DataFrame | None  #: neuron counts per role, when roles were assigned
     properties: pd.DataFrame | None  #: universal vs other z-scores; None without universality
     notes: list[str] = field(default_factory=list)  #: what was skipped and why
+    #: neuron counts per role under the calibrated rule (``roles``: the paper rule's)
+    roles_calibrated: pd.DataFrame | None = None
+    #: per model spec, both rules' role thresholds (analyses.roles.role_columns)
+    role_thresholds: dict = field(default_factory=dict)
 
 
 def select_neurons(model: str, n_layers: int, d_mlp: int, choice: str, table: pd.DataFrame | None,
@@ -239,8 +244,10 @@ def _weight_stage(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarr
         run.update_neurons(pd.concat(role_cols, ignore_index=True))
     neurons = run.read_table("neurons")
     mine = neurons["model"].isin([m.name for m in models])
-    roles = assign_roles(neurons[mine], cfg.roles)  # after entropy / attention: it uses them
-    return run.update_neurons(neurons.loc[mine, ["model", "layer", "neuron"]].assign(role=roles))
+    # after entropy / attention: the roles use them; both rules (paper, calibrated)
+    roles, thresholds = role_columns(neurons[mine], models, cfg.roles)
+    run.update_manifest(roles={**(run.manifest().get("roles") or {}), **thresholds})
+    return run.update_neurons(roles)
 
 
 def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, special: dict,
@@ -254,6 +261,8 @@ def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, sp
         load_feature_module(path)
     classes = get_features(cfg.features, [token_class_from_file(p) for p in cfg.token_classes])
     vocab, tokenizer = _vocabulary(special, models)
+    for m in models:  # padded vocabularies: W_U / W_E statistics over real token ids only
+        real_vocab_size(m, tokenizer)
     feats = build_family_features(contexts, special, vocab, cfg.unigram_top_n, classes, mask)
     table = run.read_table("neurons") if run.has_table("neurons") else None
     subsets = [select_neurons(m.name, m.adapter.n_layers, m.adapter.d_mlp, cfg.neurons,
@@ -287,13 +296,19 @@ def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, sp
     run.update_manifest(analyze={
         "config": cfg.model_dump(mode="json"), "models": specs, "tokens": tokens_info,
         "mask": vars(mask), "unigram_tokens": [int(i) for i in feats.unigram_ids],
+        "n_vocab": {m.name: real_vocab_size(m) for m in models},
         "class_features": [f.name for f in classes],
         "n_family_neurons": {m.name: int(len(s)) for m, s in zip(models, subsets, strict=True)},
         "notes": notes, "elapsed_s": round(time.perf_counter() - t0, 3)})
     clear_state(run)  # the tables hold the token pass now
-    roles = summary_counts(mine, "role") if "role" in mine.columns else None
+    paper = "role_paper" if "role_paper" in mine.columns else "role"
+    roles = summary_counts(mine, paper) if paper in mine.columns else None
+    cal = (summary_counts(mine, "role_calibrated") if "role_calibrated" in mine.columns
+           else None)
+    role_th = {k: v for k, v in (run.manifest().get("roles") or {}).items() if k in specs}
     return AnalyzeResult(neurons=neurons, families=summary_counts(mine, "family"), roles=roles,
-                         properties=props, notes=notes)
+                         properties=props, notes=notes, roles_calibrated=cal,
+                         role_thresholds=role_th)
 
 
 def analyze_run(run_path: str | Path, cfg: AnalyzeConfig, models: Sequence[str] | None = None,

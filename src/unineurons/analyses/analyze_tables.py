@@ -47,9 +47,8 @@ def top_contexts_table(model: str, d_mlp: int, top: dict[str, torch.Tensor], con
     lengths = np.array([len(w) for w in windows], dtype=np.int32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     ids = np.concatenate(windows) if windows else np.zeros(0, dtype=np.int64)
-    strings = pa.DictionaryArray.from_arrays(
-        pa.array(ids.astype(np.int32)), pa.array(list(vocab.strings), pa.string())
-    ).dictionary_decode()
+    # each window's strings concatenate to its text (a character split over tokens included)
+    strings = pa.array(vocab.sequence_strings(ids, offsets.to_numpy()), pa.string())
     return pa.table({
         "model": pa.array([model] * len(flat), pa.string()),
         "layer": pa.array(flat // d_mlp, pa.int64()),

@@ -22,6 +22,12 @@ exact, but the query of a later position ``p`` is rotated by ``R_p``; the score 
 unrotated query direction, i.e. it is the exact logit change only for the non-rotary
 dimensions (GPT-NeoX's partial rotary) and an approximation for the rotated ones.
 
+Families: GPT-2, GPT-NeoX, GPT-J (parallel block: its ln_1), OPT, the Llama-like ones
+(Mistral, Qwen-2, Gemma with ``1 + w`` norms, Gemma-2: its ``tanh`` attention softcap is
+monotone, OLMo) and Phi-3 (fused qkv). Qwen-3 and OLMo-2 normalise queries and keys after the
+projection, so the BOS logit is not linear in the residual: their neurons get NaN z and no
+rows. Gemma-2 / OLMo-2 scale the MLP's output by a norm, folded into ``w_out``.
+
 Each score is compared with those of random unit directions of the residual space (seeded):
 ``z = (h - mean) / std`` per head; pairs with ``|z| >= z_threshold`` go to
 ``attention.parquet``.
@@ -38,7 +44,7 @@ from torch import nn
 
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
-from .vocab import block_norm, is_layernorm, norm_scale, out_weight
+from .vocab import block_norm, is_layernorm, residual_out_weight
 
 __all__ = ["head_shape", "query_weights", "bos_keys", "query_directions", "attention_scores",
            "ATTENTION_COLUMNS"]
@@ -50,15 +56,15 @@ ATTENTION_COLUMNS = ["attn_max_z", "attn_max_head_layer", "attn_max_head", "attn
 def head_shape(m: LoadedModel) -> tuple[int, int, int]:
     """``(n_heads, n_kv_heads, d_head)`` of the model's attention."""
     cfg = m.model.config
-    fam = m.adapter.family
-    if fam == "gpt2":
+    layout = m.adapter.spec.attn_layout
+    if layout == "gpt2":
         return cfg.n_head, cfg.n_head, cfg.n_embd // cfg.n_head
     attn = m.adapter.attn(0)
-    if fam == "gpt_neox":
+    if layout == "neox":
         return cfg.num_attention_heads, cfg.num_attention_heads, attn.head_size
-    if fam == "llama":
-        return cfg.num_attention_heads, cfg.num_key_value_heads, attn.head_dim
-    raise UnineuronsError(f"model {m.name}: attention analysis does not support family {fam!r}")
+    # Llama-like, GPT-J, OPT, Phi-3: q/k projections of n_heads (n_kv_heads) x head_dim
+    h = int(cfg.num_attention_heads)
+    return h, int(getattr(cfg, "num_key_value_heads", None) or h), int(attn.head_dim)
 
 
 @torch.no_grad()
@@ -67,35 +73,41 @@ def query_weights(m: LoadedModel, layer: int) -> torch.Tensor:
     h, _, dh = head_shape(m)
     d = m.adapter.d_model
     attn = m.adapter.attn(layer)
-    fam = m.adapter.family
-    if fam == "gpt2":
+    layout = m.adapter.spec.attn_layout
+    if layout == "gpt2":
         w = attn.c_attn.weight.detach()[:, :d]  # Conv1D [d, 3d]: q | k | v
         return w.float().reshape(d, h, dh).permute(1, 0, 2)
-    if fam == "gpt_neox":
+    if layout == "qkv_fused":  # Phi-3: Linear [(h + 2 kv) dh, d], rows q | k | v
+        w = attn.qkv_proj.weight.detach().float()[: h * dh].reshape(h, dh, d)
+        return w.transpose(1, 2)
+    if layout == "neox":
         # Linear [3d, d]; output index = head * 3 d_head + (q|k|v) * d_head + j
         w = attn.query_key_value.weight.detach().float().reshape(h, 3, dh, d)[:, 0]
         return w.transpose(1, 2)  # [h, d, dh]
-    w = attn.q_proj.weight.detach().float().reshape(h, dh, d)  # llama: Linear [h*dh, d]
+    w = attn.q_proj.weight.detach().float().reshape(h, dh, d)  # Linear [h*dh, d]
     return w.transpose(1, 2)
 
 
 def _key_module(m: LoadedModel, layer: int) -> nn.Module:
     attn = m.adapter.attn(layer)
-    return {"gpt2": lambda: attn.c_attn, "gpt_neox": lambda: attn.query_key_value,
-            "llama": lambda: attn.k_proj}[m.adapter.family]()
+    return {"gpt2": lambda: attn.c_attn, "neox": lambda: attn.query_key_value,
+            "qkv_fused": lambda: attn.qkv_proj,
+            "q_k_proj": lambda: attn.k_proj}[m.adapter.spec.attn_layout]()
 
 
 def _split_key(m: LoadedModel, out: torch.Tensor) -> torch.Tensor:
     """The key module's output ``[B, T, *]`` -> keys ``[B, T, n_heads, d_head]``."""
     h, kv, dh = head_shape(m)
     b, t = out.shape[:2]
-    fam = m.adapter.family
-    if fam == "gpt2":
+    layout = m.adapter.spec.attn_layout
+    if layout == "gpt2":
         d = h * dh
         return out[..., d:2 * d].reshape(b, t, h, dh)
-    if fam == "gpt_neox":
+    if layout == "neox":
         return out.reshape(b, t, h, 3, dh)[..., 1, :]
-    k = out.reshape(b, t, kv, dh)  # llama: grouped-query heads share a key head
+    if layout == "qkv_fused":
+        out = out[..., h * dh:(h + kv) * dh]
+    k = out.reshape(b, t, kv, dh)  # grouped-query heads share a key head
     return k.repeat_interleave(h // kv, dim=2)  # [B, T, h, dh]
 
 
@@ -130,12 +142,31 @@ def query_directions(m: LoadedModel, keys: torch.Tensor) -> torch.Tensor:
         w_q = query_weights(m, layer)  # [h, d, dh]
         k = keys[layer].to(w_q.device)  # [h, dh]
         q_dir = torch.einsum("hdk,hk->hd", w_q, k)  # [h, d]
-        gamma = norm_scale(block_norm(m, layer, "attn"), m.adapter.d_model, w_q.device)
+        gamma = m.adapter.norm_scale(block_norm(m, layer, "attn")).to(w_q.device)
         q_dir = q_dir * gamma[None, :] * float(m.adapter.attn(layer).scaling)
         if is_layernorm(m):
             q_dir = q_dir - q_dir.mean(1, keepdim=True)
         out.append(q_dir)
     return torch.stack(out)
+
+
+def _no_scores(m: LoadedModel, neurons: Sequence[tuple[int, int]] | None
+               ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Families with query/key norms (Qwen-3, OLMo-2): NaN z, no head, no rows."""
+    ad = m.adapter
+    keys = (sorted({(int(a), int(b)) for a, b in neurons}) if neurons is not None else
+            [(a, b) for a in range(ad.n_layers) for b in range(ad.d_mlp)])
+    per = pd.DataFrame({"model": m.name, "layer": np.array([a for a, _ in keys], dtype=np.int64),
+                        "neuron": np.array([b for _, b in keys], dtype=np.int64),
+                        "attn_max_z": np.nan, "attn_max_head_layer": -1, "attn_max_head": -1,
+                        "attn_n_heads": 0})
+    cols = ["model", "layer", "neuron", "head_layer", "head", "score", "baseline_mean",
+            "baseline_std", "z"]
+    rows = pd.DataFrame({c: pd.Series(dtype="int64" if c in ("layer", "neuron", "head_layer",
+                                                            "head") else object if c == "model"
+                                      else "float64") for c in cols})
+    return per.astype({"attn_max_head_layer": "int64", "attn_max_head": "int64",
+                       "attn_n_heads": "int64"}), rows
 
 
 @torch.no_grad()
@@ -156,6 +187,8 @@ def attention_scores(m: LoadedModel, contexts: np.ndarray, *, n_contexts: int = 
     if n_random < 2:
         raise UnineuronsError(
             f"attention baseline needs at least 2 random directions, got {n_random}")
+    if ad.spec.qk_norm:  # normalised queries/keys: the BOS logit is not linear in the residual
+        return _no_scores(m, neurons)
     n_heads = head_shape(m)[0]
     q_dir = query_directions(m, bos_keys(m, contexts, n_contexts))  # [L, h, d]
     flat = q_dir.reshape(-1, ad.d_model).double()  # [L*h, d], head index = layer * h + head
@@ -179,7 +212,7 @@ def attention_scores(m: LoadedModel, contexts: np.ndarray, *, n_contexts: int = 
         if len(idx) == 0:
             continue
         later = (head_layer > layer).nonzero()[:, 0]  # [n_later]
-        w = out_weight(m, layer).double()[torch.as_tensor(idx, device=flat.device)]  # [n, d]
+        w = residual_out_weight(m, layer).double()[torch.as_tensor(idx, device=flat.device)]
         w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
         score = w @ flat[later].T  # [n, n_later]
         z = (score - mean[later]) / std[later].clamp_min(1e-300)  # [n, n_later]

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from ..accumulators.base import register
+from ..accumulators.contexts import ContextSums
 from ..config import Device
 from ..errors import UnineuronsError
 from ..models.adapters import neuron_name, parse_neuron
@@ -36,7 +37,8 @@ from ..models.load import LoadedModel, load_model
 from ..models.partial import record_block_inputs, restart_at
 from ..progress import progress
 
-__all__ = ["LMMetrics", "NeuronPatch", "make_patch", "target_mask", "final_norm_scale",
+__all__ = ["LMMetrics", "CONTEXT_COLUMNS", "CI_COLUMNS", "DEFAULT_BOOTSTRAP", "NeuronPatch",
+           "make_patch", "target_mask", "final_norm_scale",
            "evaluate_patches", "patch_metrics", "patch_results", "intervene_neurons",
            "random_late_neurons", "InterveneConfig",
            "run_interventions", "METRICS", "run_model_entries", "load_run_model", "run_contexts",
@@ -45,6 +47,12 @@ __all__ = ["LMMetrics", "NeuronPatch", "make_patch", "target_mask", "final_norm_
 #: Metric keys of :meth:`LMMetrics.result`, in table order.
 METRICS = ["loss", "entropy", "top1_acc", "kl", "true_rank_mean", "true_rank_median",
            "final_norm_scale", "n_targets"]
+
+#: Bootstrap resamples behind each effect's interval; CI_COLUMNS: the intervals (effects.py).
+DEFAULT_BOOTSTRAP = 1000
+CI_COLUMNS = ["delta_loss_lo", "delta_loss_hi", "delta_entropy_lo", "delta_entropy_hi"]
+#: Columns of ``LMMetrics.contexts``: scored predictions and sums of these metrics.
+CONTEXT_COLUMNS = ["n", "loss", "entropy", "kl"]
 
 #: layer -> (neuron indices [k] int64, values [k] float32): activations fixed by a patch.
 NeuronPatch = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -58,7 +66,8 @@ def _example(seed: int):
     def batch(n: int) -> tuple:
         logp = torch.log_softmax(torch.randn(n, v, generator=g) * 2, -1)
         clean = torch.log_softmax(torch.randn(n, v, generator=g) * 2, -1)
-        return logp, torch.randint(0, v, (n,), generator=g), torch.rand(n, generator=g), clean
+        return (logp, torch.randint(0, v, (n,), generator=g), torch.rand(n, generator=g), clean,
+                torch.randint(0, 4, (n,), generator=g))  # context ids: they repeat across batches
 
     return (lambda: LMMetrics(v)), [batch(n) for n in (6, 1, 9, 3, 5, 2)]
 
@@ -68,7 +77,8 @@ class LMMetrics:
     """Next-token metrics of one model configuration, streamed over scored positions.
 
     Sums in float64 plus a histogram of the true token's rank (so the median is exact and
-    the state still merges by addition).
+    the state still merges by addition); with context ids, per-context sums of
+    :data:`CONTEXT_COLUMNS` (``contexts``, the paired bootstrap's unit: analyses.effects).
     """
 
     _SUMS = ["loss", "entropy", "top1_acc", "kl", "true_rank_mean", "final_norm_scale"]
@@ -80,19 +90,22 @@ class LMMetrics:
         self.sums = torch.zeros(len(self._SUMS), dtype=torch.float64, device=device)
         # rank r (1 = the model's top choice) is counted at index r; index 0 stays empty
         self.rank_hist = torch.zeros(vocab_size + 1, dtype=torch.int64, device=device)
+        self.contexts = ContextSums(len(CONTEXT_COLUMNS), device)
 
     def update(self, logp: torch.Tensor, targets: torch.Tensor, norm_scale: torch.Tensor,
-               clean_logp: torch.Tensor) -> LMMetrics:
+               clean_logp: torch.Tensor, context: torch.Tensor | None = None) -> LMMetrics:
         """Fold in ``logp [n, V]`` (log-probs), ``targets [n]``, ``norm_scale [n]`` (the final
-        norm's 1/sigma) and ``clean_logp [n, V]``, the reference of KL(clean || this)."""
+        norm's 1/sigma) and ``clean_logp [n, V]``, the reference of KL(clean || this);
+        ``context [n]`` int64: each row's context index, for the per-context sums."""
         # rows in chunks: each [n, V] temporary is as big as the logits (GPT-2: 0.2 MB a row)
         for i in range(0, logp.shape[0], self.CHUNK):
             sl = slice(i, i + self.CHUNK)
-            self._update(logp[sl].float(), targets[sl], norm_scale[sl], clean_logp[sl].float())
+            self._update(logp[sl].float(), targets[sl], norm_scale[sl], clean_logp[sl].float(),
+                         None if context is None else context[sl])
         return self
 
     def _update(self, logp: torch.Tensor, targets: torch.Tensor, norm_scale: torch.Tensor,
-                clean_logp: torch.Tensor) -> None:
+                clean_logp: torch.Tensor, context: torch.Tensor | None = None) -> None:
         p = logp.exp()  # [n, V]
         true_lp = logp.gather(1, targets[:, None])  # [n, 1]
         # 0 * log 0 = 0: a token with probability exactly 0 contributes nothing
@@ -107,21 +120,29 @@ class LMMetrics:
         self.n = self.n + logp.shape[0]
         self.rank_hist = self.rank_hist + torch.bincount(
             rank, minlength=self.vocab_size + 1).to(self.rank_hist.device)
+        if context is not None:  # [n, 4]: count, loss, entropy, kl
+            self.contexts.update(context, torch.stack(
+                [torch.ones_like(parts[0]), parts[0], parts[1], parts[3]], 1))
 
     def merge(self, other: LMMetrics) -> LMMetrics:
         self.n = self.n + other.n
         self.sums = self.sums + other.sums
         self.rank_hist = self.rank_hist + other.rank_hist
+        self.contexts.merge(other.contexts)
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"n": self.n, "sums": self.sums, "rank_hist": self.rank_hist}
+        return {"n": self.n, "sums": self.sums, "rank_hist": self.rank_hist,
+                **self.contexts.state_dict()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> LMMetrics:
         self.n = state["n"].clone().to(torch.float64)
         self.sums = state["sums"].clone().to(torch.float64)
         self.rank_hist = state["rank_hist"].clone().to(torch.int64)
         self.vocab_size = int(self.rank_hist.shape[0]) - 1
+        self.contexts = ContextSums(len(CONTEXT_COLUMNS), self.n.device)
+        if "ctx_id" in state:  # states of older versions have no per-context sums
+            self.contexts.load_state_dict(state)
         return self
 
     def result(self) -> dict[str, float]:
@@ -190,15 +211,16 @@ def target_mask(tokens: torch.Tensor, special: dict) -> torch.Tensor:
     return keep
 
 
-def final_norm_scale(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def final_norm_scale(norm: nn.Module, x: torch.Tensor, layernorm: bool | None = None
+                     ) -> torch.Tensor:
     """``x [..., d_model]`` (the final norm's input) -> ``[...]``, the factor the norm
     multiplies its (centred) input by: 1 / sqrt(var + eps) for LayerNorm, 1 / sqrt(mean(x^2)
     + eps) for RMSNorm. Smaller means a larger residual norm squashing the logits."""
     eps = getattr(norm, "eps", None)
     if eps is None:
-        eps = getattr(norm, "variance_epsilon", 0.0)  # Llama's RMSNorm
+        eps = getattr(norm, "variance_epsilon", 1e-5)  # Llama's RMSNorm; OLMo's fixed 1e-5
     x = x.float()
-    centred = isinstance(norm, nn.LayerNorm)
+    centred = isinstance(norm, nn.LayerNorm) if layernorm is None else layernorm  # OLMo: own class
     second = x.var(-1, unbiased=False) if centred else x.pow(2).mean(-1)  # [...]
     return torch.rsqrt(second + float(eps))
 
@@ -214,25 +236,29 @@ def _forward(m: LoadedModel, tokens: torch.Tensor, valid: torch.Tensor
     finally:
         handle.remove()
     logp = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)  # [n, V]
-    return logp, final_norm_scale(norm, seen["x"][:, :-1][valid])  # [n, V], [n]
+    return logp, final_norm_scale(norm, seen["x"][:, :-1][valid],
+                                  m.adapter.spec.layernorm)  # [n, V], [n]
 
 
 @torch.inference_mode()
 def evaluate_patches(m: LoadedModel, contexts: np.ndarray, special: dict,
                      patches: Sequence[NeuronPatch], *, batch_size: int = 8,
-                     desc: str = "evaluating") -> tuple[dict[str, float], list[dict[str, float]]]:
+                     desc: str = "evaluating", n_boot: int = DEFAULT_BOOTSTRAP,
+                     boot_seed: int = 0, replicates: bool = False
+                     ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Metrics of the clean model and of the model under each patch, over ``contexts``.
 
     One pass over the tokens: per batch one clean forward (its log-probs are the KL
     reference) and one forward per patch. Returns ``(clean, [per patch])``, dicts of
     :data:`METRICS`; the per-patch dicts also hold ``delta_loss``, ``delta_entropy`` and
-    ``delta_final_norm_scale`` (patched minus clean). An empty patch is the clean model.
+    ``delta_final_norm_scale`` (patched minus clean) and the 95 % paired-bootstrap intervals
+    of :func:`patch_results`. An empty patch is the clean model.
     """
     n_ctx, ctx = contexts.shape
     with progress(desc, total=n_ctx * ctx * (1 + len(patches)), unit="tokens") as bar:
         clean, accs = patch_metrics(m, contexts, special, patches, batch_size=batch_size,
                                     advance=bar.advance)
-    return patch_results(clean, accs)
+    return patch_results(clean, accs, n_boot=n_boot, seed=boot_seed, replicates=replicates)
 
 
 @torch.inference_mode()
@@ -263,23 +289,30 @@ def patch_metrics(m: LoadedModel, contexts: np.ndarray, special: dict,
         tokens = tokens.to(device)  # [B, T]
         valid = target_mask(tokens, special)  # [B, T-1]
         targets = tokens[:, 1:][valid]  # [n]
+        ctx_ids = torch.arange(b0, b0 + tokens.shape[0], device=device)[:, None].expand_as(
+            valid)[valid]  # [n]: each scored prediction's context, for the paired bootstrap
         # the residual entering each patch's first layer, to restart there (models/partial.py)
         with record_block_inputs(ad, restarts) as inputs:
             clean_logp, clean_scale = _forward(m, tokens, valid)
-        clean.update(clean_logp, targets, clean_scale, clean_logp)
+        clean.update(clean_logp, targets, clean_scale, clean_logp, ctx_ids)
         advance(tokens.numel())
         for patch, acc in zip(dev_patches, accs, strict=True):
             with ad.intervene(_patch_fn(patch), layers=sorted(patch)), \
                     restart_at(ad, min(patch, default=0), inputs):
                 logp, scale = _forward(m, tokens, valid)
-            acc.update(logp, targets, scale, clean_logp)
+            acc.update(logp, targets, scale, clean_logp, ctx_ids)
             advance(tokens.numel())
     return clean, accs
 
 
-def patch_results(clean: LMMetrics, accs: Sequence[LMMetrics]
+def patch_results(clean: LMMetrics, accs: Sequence[LMMetrics], *,
+                  n_boot: int = DEFAULT_BOOTSTRAP, seed: int = 0, replicates: bool = False
                   ) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """``(clean metrics, [per patch metrics with the deltas to clean])``."""
+    """``(clean metrics, [per patch metrics with the deltas to clean])``; each patch's dict
+    also holds :data:`CI_COLUMNS` (and with ``replicates`` ``delta_loss_boot``): see
+    :func:`unineurons.analyses.effects.patch_intervals`."""
+    from .effects import patch_intervals
+
     base = clean.result()
     out = []
     for acc in accs:
@@ -287,6 +320,8 @@ def patch_results(clean: LMMetrics, accs: Sequence[LMMetrics]
         for k in ("loss", "entropy", "final_norm_scale"):
             r[f"delta_{k}"] = r[k] - base[k]
         out.append(r)
+    for r, ci in zip(out, patch_intervals(clean, accs, n_boot, seed, replicates), strict=True):
+        r.update(ci)
     return base, out
 
 
@@ -384,8 +419,8 @@ def intervene_neurons(m: LoadedModel, contexts: np.ndarray, special: dict,
 
     Columns: ``model, address, layer, neuron, kind, value`` then :data:`METRICS` and
     ``delta_loss, delta_entropy, delta_final_norm_scale`` against the clean model on the same
-    tokens. ``kinds`` labels each neuron (default ``"target"``). All configurations share one
-    pass over the tokens.
+    tokens, and their 95 % intervals :data:`CI_COLUMNS` (paired bootstrap over contexts).
+    ``kinds`` labels each neuron (default ``"target"``). All configurations share one pass.
     """
     kinds = list(kinds) if kinds is not None else ["target"] * len(neurons)
     if len(kinds) != len(neurons):

@@ -16,22 +16,39 @@ The two mechanistic roles come first because an intervention or a specific circu
 them, while the vocabulary roles are weight statistics; prediction/suppression (heavy tails)
 come before partition (high variance), the broadest test, which a heavy-tailed neuron often
 passes too.
+
+**Two rules for the vocabulary roles.** The thresholds above (``paper``) were set on GPT-2
+small; in a small model a random direction already has ``vocab_var`` near 1/d_model (0.008 at
+d_model 128, above 0.005). The ``calibrated`` rule judges each statistic against a null made
+from the same model: ``null_directions`` seeded random unit directions of d_model, folded and
+centred exactly as a neuron's ``w_out`` (:func:`vocab_null`), give the null distribution of
+(var, skew, kurt); a role needs the statistic beyond the null's ``null_quantile`` q in the
+role's direction: prediction ``kurt > K_q`` and ``skew > S_q``; suppression ``kurt > K_q`` and
+``skew < S_(1-q)``; partition ``var > V_q``. A random direction passes each test with
+probability 1 - q. Both rules are always computed (``role_paper``, ``role_calibrated``);
+``thresholds`` picks the one in ``role``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..accumulators.moments import Moments
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
 from .attention import attention_scores
 from .entropy import find_entropy_neurons
+from .vocab import DEFAULT_MAX_BYTES, folded_unembed, is_layernorm
 
-__all__ = ["RoleConfig", "ROLES", "assign_roles", "entropy_and_attention"]
+__all__ = ["RoleConfig", "ROLES", "assign_roles", "entropy_and_attention", "RoleThresholds",
+           "null_directions", "vocab_null", "null_thresholds", "role_columns", "rules_sentence"]
 
 #: Every value of the ``role`` column, in order of precedence.
 ROLES = ["entropy", "attention", "prediction", "suppression", "partition", "none"]
@@ -91,6 +108,27 @@ class RoleConfig(BaseModel):
         "than attn_z: each neuron is tested against every later head).")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
     seed: int = Field(0, description="Seed of the random neurons and random directions.")
+    thresholds: Literal["paper", "calibrated"] = Field(
+        "paper", description="Which rule fills the role column: 'paper' (the fixed thresholds "
+        "prediction_kurt, partition_var) or 'calibrated' (beyond the null_quantile of random "
+        "directions); both are always written, as role_paper and role_calibrated.")
+    null_directions: int = Field(
+        10_000, ge=1, description="Seeded random unit directions of d_model (folded and "
+        "centred like w_out) whose vocabulary statistics form the calibrated rule's null.")
+    null_quantile: float = Field(
+        0.999, gt=0.5, lt=1, description="Calibrated rule: a vocabulary statistic must lie beyond "
+        "this quantile of the null in the role's direction (a random direction passes each "
+        "test with probability 1 - null_quantile).")
+
+    @model_validator(mode="after")
+    def _null_size(self) -> RoleConfig:
+        tail = self.null_directions * (1 - self.null_quantile)
+        if tail < 10 - 1e-9:
+            need = int(np.ceil(10 / (1 - self.null_quantile) - 1e-6))
+            raise ValueError(f"null_directions {self.null_directions} leaves {tail:.3g} null "
+                             f"values beyond the {self.null_quantile} quantile; use at least "
+                             f"{need} directions (10 beyond the quantile) or a lower quantile")
+        return self
 
 
 def _bool(df: pd.DataFrame, col: str) -> np.ndarray:
@@ -99,12 +137,38 @@ def _bool(df: pd.DataFrame, col: str) -> np.ndarray:
     return df[col].fillna(False).astype(bool).to_numpy()
 
 
-def assign_roles(neurons: pd.DataFrame, cfg: RoleConfig = RoleConfig()) -> pd.Series:
+@dataclass(frozen=True)
+class RoleThresholds:
+    """Bounds of the vocabulary roles: prediction ``kurt > kurt and skew > skew_hi``,
+    suppression ``kurt > kurt and skew < skew_lo``, partition ``var > var`` (strict)."""
+
+    rule: str  #: "paper" or "calibrated"
+    kurt: float
+    skew_hi: float
+    skew_lo: float
+    var: float
+    quantile: float | None = None  #: calibrated: the null quantile q
+    n_null: int | None = None  #: calibrated: null directions
+    null_role_share: float | None = None  #: calibrated: share of null directions given a role
+
+    @classmethod
+    def paper(cls, cfg: RoleConfig) -> RoleThresholds:
+        """Gurnee et al.'s fixed thresholds (``prediction_kurt``, skew sign, ``partition_var``)."""
+        return cls("paper", cfg.prediction_kurt, 0.0, 0.0, cfg.partition_var)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def assign_roles(neurons: pd.DataFrame, cfg: RoleConfig = RoleConfig(),
+                 thresholds: RoleThresholds | None = None) -> pd.Series:
     """The ``role`` of each row of ``neurons`` (index kept), one of :data:`ROLES`.
 
     Needs ``vocab_kurt``, ``vocab_skew``, ``vocab_var`` (:func:`~.weights.weight_columns`);
     uses ``is_entropy`` and ``attn_max_z`` when present (absent or NaN: role not given).
+    ``thresholds`` bounds the vocabulary roles; None means the paper's (from ``cfg``).
     """
+    th = RoleThresholds.paper(cfg) if thresholds is None else thresholds
     missing = [c for c in ("vocab_kurt", "vocab_skew", "vocab_var") if c not in neurons.columns]
     if missing:
         raise UnineuronsError(f"neuron table has no {', '.join(missing)} column; compute the "
@@ -116,8 +180,8 @@ def assign_roles(neurons: pd.DataFrame, cfg: RoleConfig = RoleConfig()) -> pd.Se
               else np.full(len(neurons), np.nan))
     with np.errstate(invalid="ignore"):  # NaN compares False: no role from a missing value
         tests = [_bool(neurons, "is_entropy"), np.abs(attn_z) >= cfg.attn_role_z,
-                 (kurt > cfg.prediction_kurt) & (skew > 0),
-                 (kurt > cfg.prediction_kurt) & (skew < 0), var > cfg.partition_var]
+                 (kurt > th.kurt) & (skew > th.skew_hi),
+                 (kurt > th.kurt) & (skew < th.skew_lo), var > th.var]
     role = np.select(tests, ROLES[:-1], default="none")
     return pd.Series(role, index=neurons.index, name="role", dtype=object)
 
@@ -156,3 +220,95 @@ def entropy_and_attention(m: LoadedModel, contexts: np.ndarray, special: dict,
     cols = ent_cols.merge(att_cols, on=["model", "layer", "neuron"],
                           how="left" if keys is None else "inner")
     return cols.reset_index(drop=True), ent_rows, att_rows
+
+
+# ---- the calibrated rule: a null from random directions ------------------------------------
+def null_directions(d_model: int, k: int, seed: int, centre: bool) -> torch.Tensor:
+    """``[k, d_model]`` float32 unit rows: standard Gaussian directions (``torch.Generator``
+    seeded with ``seed``, float64), centred over d_model when ``centre`` (LayerNorm families,
+    as :func:`~.vocab.out_directions` centres ``w_out``), then normalised."""
+    g = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(k, d_model, generator=g, dtype=torch.float64)  # [k, d_model]
+    if centre:
+        x = x - x.mean(1, keepdim=True)
+    return (x / x.norm(dim=1, keepdim=True)).float()
+
+
+@torch.no_grad()
+def vocab_null(m: LoadedModel, k: int, seed: int = 0, max_bytes: int = DEFAULT_MAX_BYTES
+               ) -> dict[str, np.ndarray]:
+    """Vocabulary statistics of ``k`` random directions of model ``m``: ``var, skew, kurt``,
+    each ``[k]`` float64, computed exactly as a neuron's ``vocab_*`` columns (cosines with the
+    folded, centred unembedding's unit columns; moments over the vocabulary as
+    :class:`~unineurons.accumulators.moments.Moments`: population variance, biased skew,
+    non-excess kurtosis). Directions: :func:`null_directions` (centred for LayerNorm)."""
+    w_u = folded_unembed(m)  # [d_model, V]
+    tgt = w_u / w_u.norm(dim=0, keepdim=True).clamp_min(1e-30)  # [d_model, V] unit columns
+    dirs = null_directions(m.adapter.d_model, k, seed, is_layernorm(m)).to(tgt.device)
+    nb = max(1, int(max_bytes // (m.adapter.vocab_size * 48)))  # Moments' float64 copies
+    out: dict[str, list[np.ndarray]] = {"var": [], "skew": [], "kurt": []}
+    for s in range(0, k, nb):
+        cos = dirs[s:s + nb] @ tgt  # [nb, V]
+        res = Moments(cos.shape[0], device=cos.device).update(cos.T).result()  # over the vocab
+        for key in out:
+            out[key].append(res[key].cpu().numpy())
+    return {key: np.concatenate(v).astype(np.float64) for key, v in out.items()}
+
+
+def null_thresholds(null: dict[str, np.ndarray], quantile: float) -> RoleThresholds:
+    """The calibrated :class:`RoleThresholds` of a null (:func:`vocab_null`): ``kurt`` and
+    ``var`` at ``quantile``, ``skew_hi`` at ``quantile`` and ``skew_lo`` at ``1 - quantile``
+    (``numpy.quantile``, linear interpolation). ``null_role_share``: the share of the null's own
+    directions that these bounds give a vocabulary role (in-sample; at most 3 (1 - q))."""
+    kurt, skew, var = (np.asarray(null[k], dtype=np.float64) for k in ("kurt", "skew", "var"))
+    th = RoleThresholds("calibrated", float(np.quantile(kurt, quantile)),
+                        float(np.quantile(skew, quantile)), float(np.quantile(skew, 1 - quantile)),
+                        float(np.quantile(var, quantile)), quantile, len(kurt))
+    role = ((kurt > th.kurt) & ((skew > th.skew_hi) | (skew < th.skew_lo))) | (var > th.var)
+    return RoleThresholds(**{**th.as_dict(), "null_role_share": float(role.mean())})
+
+
+def role_columns(neurons: pd.DataFrame, models: Sequence[LoadedModel],
+                 cfg: RoleConfig = RoleConfig()) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Roles of ``neurons`` (rows of the ``models``, with their ``vocab_*`` columns) under both
+    rules. Returns ``(columns, thresholds)``: ``columns`` has ``model, layer, neuron, role,
+    role_paper, role_calibrated`` (``role`` as ``cfg.thresholds`` picks) and ``thresholds``
+    maps each model spec to both rules' :class:`RoleThresholds` as dicts (``paper``,
+    ``calibrated``). Raises :class:`UnineuronsError` for a row of a model not in ``models``."""
+    by_name = {m.name: m for m in models}
+    unknown = sorted(set(neurons["model"]) - set(by_name))
+    if unknown:
+        raise UnineuronsError(f"roles: neuron rows of model {unknown[0]} but no such model was "
+                              "loaded; pass every model whose rows are given")
+    parts, thresholds = [], {}
+    paper = RoleThresholds.paper(cfg)
+    for name, rows in neurons.groupby("model", sort=False):
+        cal = null_thresholds(vocab_null(by_name[name], cfg.null_directions, cfg.seed),
+                              cfg.null_quantile)
+        thresholds[str(name)] = {"paper": paper.as_dict(), "calibrated": cal.as_dict()}
+        out = rows[["model", "layer", "neuron"]].copy()
+        out["role_paper"] = assign_roles(rows, cfg, paper)
+        out["role_calibrated"] = assign_roles(rows, cfg, cal)
+        out["role"] = out["role_paper" if cfg.thresholds == "paper" else "role_calibrated"]
+        parts.append(out[["model", "layer", "neuron", "role", "role_paper", "role_calibrated"]])
+    cols = pd.concat(parts) if parts else pd.DataFrame(
+        columns=["model", "layer", "neuron", "role", "role_paper", "role_calibrated"])
+    return cols, thresholds
+
+
+def rules_sentence(neurons: pd.DataFrame) -> str:
+    """One sentence comparing the vocabulary-role counts of ``neurons`` under both rules (empty
+    when the table has no ``role_paper`` / ``role_calibrated`` columns), and why they differ."""
+    if not {"role_paper", "role_calibrated"} <= set(neurons.columns):
+        return ""
+
+    def counts(col: str) -> str:
+        c = neurons[col].value_counts()
+        return ", ".join(f"{r} {int(c.get(r, 0))}" for r in ("prediction", "suppression",
+                                                            "partition"))
+
+    return (f"Of {len(neurons)} neurons, the paper's fixed thresholds give {counts('role_paper')}; "
+            f"the calibrated rule (beyond a high quantile of random directions through the same "
+            f"unembedding) gives {counts('role_calibrated')}. They differ because a random "
+            "direction's vocab_var is about 1/d_model, above the paper's 0.005 in any model "
+            "narrower than 200, while the calibrated bounds come from this model itself.")

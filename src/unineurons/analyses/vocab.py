@@ -20,6 +20,16 @@ centred over ``d_model`` (TransformerLens centres the embedding as a writing wei
 folded ``W_in`` as a reading weight); nothing is centred over the vocabulary, as no softmax
 follows the embedding.
 
+**Real tokens only.** Padded vocabularies (Pythia: 50,304 embedding rows for 50,277 tokens)
+have rows that are no token. Every statistic and list here uses ids ``0 .. n_vocab - 1``
+only, ``n_vocab = min(len(tokenizer), rows)`` (:func:`real_vocab_size`): the padding columns
+enter neither the centring over the vocabulary, nor the moments, nor the top/bottom lists.
+
+**Families.** The norms come from the adapter: Gemma's scale is ``1 + w``, OLMo's LayerNorm
+has no weight (scale 1), OLMo-2 has no norm in front of the MLP (scale 1), and Gemma-2 /
+OLMo-2 normalise the MLP's output: ``w_out`` is read with that norm's scale folded in
+(:func:`residual_out_weight`). Gemma-2's final-logit softcap is monotone and not folded.
+
 The full cosine matrix of GPT-2 small is 36,864 x 50,257 floats (7.4 GB), so everything here
 works in blocks of neurons under a byte budget (``max_bytes``, 512 MB by default).
 """
@@ -38,6 +48,7 @@ from ..accumulators.moments import Moments
 from ..models.load import LoadedModel
 
 __all__ = ["Side", "is_layernorm", "block_norm", "norm_scale", "in_weight", "out_weight",
+           "residual_out_weight", "real_vocab_size",
            "folded_unembed", "folded_embed",
            "out_directions", "in_directions", "iter_vocab_cosines", "vocab_cosines",
            "vocab_moments", "vocab_table", "DEFAULT_MAX_BYTES"]
@@ -47,29 +58,54 @@ Side = Literal["out", "in"]
 #: Per-block memory budget of the cosine computations.
 DEFAULT_MAX_BYTES = 512 * 2**20
 
-#: The norm in front of each block's MLP and attention, per family (attribute of the block).
-_MLP_NORM = {"gpt2": "ln_2", "gpt_neox": "post_attention_layernorm",
-             "llama": "post_attention_layernorm"}
-_ATTN_NORM = {"gpt2": "ln_1", "gpt_neox": "input_layernorm", "llama": "input_layernorm"}
-
 
 def is_layernorm(m: LoadedModel) -> bool:
-    """True when the model's norms subtract the mean (LayerNorm), False for RMSNorm."""
-    return isinstance(m.adapter.final_norm(), nn.LayerNorm)
+    """True when the model's norms subtract the mean (LayerNorm, OLMo's too), False for RMSNorm."""
+    return m.adapter.spec.layernorm
 
 
-def block_norm(m: LoadedModel, layer: int, which: Literal["mlp", "attn"]) -> nn.Module:
-    """The norm module in front of block ``layer``'s MLP (``"mlp"``) or attention (``"attn"``)."""
-    table = _MLP_NORM if which == "mlp" else _ATTN_NORM
-    return getattr(m.adapter.blocks[layer], table[m.adapter.family])
+def block_norm(m: LoadedModel, layer: int, which: Literal["mlp", "attn"]) -> nn.Module | None:
+    """The norm module in front of block ``layer``'s MLP (``"mlp"``) or attention
+    (``"attn"``); None where the family has none (OLMo-2)."""
+    return m.adapter.block_norm(layer, which)
+
+
+def _usable(tokenizer: Any | None) -> bool:
+    """A tokenizer with more than its special tokens (transformers builds special-tokens-only
+    tokenizers from folders that have no tokenizer files)."""
+    try:
+        return len(tokenizer) > len(set(getattr(tokenizer, "all_special_ids", []) or []))
+    except TypeError:  # None, or a bare decoder object: no size
+        return False
+
+
+def real_vocab_size(m: LoadedModel, tokenizer: Any | None = None) -> int:
+    """The number of real tokens: ``min(len(tokenizer), unembedding columns)``, recorded on
+    the adapter (``Adapter.set_n_vocab``).
+
+    The tokenizer is ``tokenizer``, else the count already recorded on the adapter (analyze
+    records the token store's tokenizer), else ``m.tokenizer``. Without a tokenizer (or with
+    one that holds only special tokens) every row counts. Ids at or past it are padding rows
+    of the matrices, never tokens.
+    """
+    ad = m.adapter
+    if _usable(tokenizer):
+        return ad.set_n_vocab(len(tokenizer))
+    if ad.n_vocab is not None:
+        return ad.n_vocab
+    if _usable(m.tokenizer):
+        return ad.set_n_vocab(len(m.tokenizer))
+    return ad.vocab_size
 
 
 def _device(m: LoadedModel) -> torch.device:
     return next(m.model.parameters()).device
 
 
-def norm_scale(norm: nn.Module, d: int, device: torch.device) -> torch.Tensor:
-    """``[d]`` float32: the norm's elementwise scale (ones when it has none)."""
+def norm_scale(norm: nn.Module | None, d: int, device: torch.device) -> torch.Tensor:
+    """``[d]`` float32: the norm's ``weight`` (ones when it has none). Without Gemma's
+    ``1 + w`` offset: :meth:`Adapter.norm_scale <unineurons.models.adapters.Adapter.norm_scale>`
+    knows the family."""
     w = getattr(norm, "weight", None)
     if w is None:
         return torch.ones(d, device=device)
@@ -83,26 +119,30 @@ def _centre_d(x: torch.Tensor) -> torch.Tensor:
 
 def out_weight(m: LoadedModel, layer: int) -> torch.Tensor:
     """``[d_mlp, d_model]`` float32, this layer only (GPT-2's Conv1D stores [in, out])."""
-    ad = m.adapter
-    w = ad.out_proj(layer).weight.detach()
-    return (w if ad.spec.conv1d else w.T).float()
+    return m.adapter.W_out_layer(layer).detach().float()
+
+
+def residual_out_weight(m: LoadedModel, layer: int) -> torch.Tensor:
+    """``[d_mlp, d_model]`` float32: each neuron's direction in the residual stream; ``w_out``
+    times the scale of a norm on the MLP's output (Gemma-2, OLMo-2), else ``w_out``. That
+    norm divides by one RMS shared by all neurons, so the direction is exact."""
+    w = out_weight(m, layer)
+    post = m.adapter.block_norm(layer, "post_mlp")
+    return w if post is None else w * m.adapter.norm_scale(post).to(w.device)[None, :]
 
 
 def in_weight(m: LoadedModel, layer: int) -> torch.Tensor:
     """``[d_mlp, d_model]`` float32: rows are the neurons' (gate) input weights."""
-    ad = m.adapter
-    w = ad.pre_act_proj(layer).weight.detach()
-    return (w.T if ad.spec.conv1d else w).float()
+    return m.adapter.W_in_layer(layer).detach().T.float()
 
 
 @torch.no_grad()
 def folded_unembed(m: LoadedModel) -> torch.Tensor:
-    """``[d_model, vocab]`` float32: ``diag(gamma_f) W_U``, centred over the vocabulary and, for
-    LayerNorm families, over ``d_model`` (see the module docstring)."""
+    """``[d_model, n_vocab]`` float32: ``diag(gamma_f) W_U`` over the real tokens only
+    (:func:`real_vocab_size`), centred over them and, for LayerNorm families, over
+    ``d_model`` (see the module docstring)."""
     ad = m.adapter
-    dev = _device(m)
-    w_u = ad.W_U_raw().detach().float().to(dev)  # [d_model, V]
-    w_u = norm_scale(ad.final_norm(), ad.d_model, dev)[:, None] * w_u  # [d_model, V]
+    w_u = ad.W_U_folded().detach().float().to(_device(m))[:, :real_vocab_size(m)]  # [d_model, V]
     w_u = w_u - w_u.mean(1, keepdim=True)  # centre over the vocabulary
     if is_layernorm(m):
         w_u = w_u - w_u.mean(0, keepdim=True)  # centre over d_model
@@ -111,25 +151,27 @@ def folded_unembed(m: LoadedModel) -> torch.Tensor:
 
 @torch.no_grad()
 def folded_embed(m: LoadedModel) -> torch.Tensor:
-    """``[vocab, d_model]`` float32: the embedding, centred over ``d_model`` for LayerNorm."""
-    w_e = m.adapter.W_E().detach().float().to(_device(m))  # [V, d_model]
+    """``[n_vocab, d_model]`` float32: the real tokens' embedding rows, centred over
+    ``d_model`` for LayerNorm."""
+    w_e = m.adapter.W_E().detach().float().to(_device(m))[:real_vocab_size(m)]  # [V, d_model]
     return _centre_d(w_e) if is_layernorm(m) else w_e
 
 
 @torch.no_grad()
 def out_directions(m: LoadedModel, layer: int) -> torch.Tensor:
-    """``[d_mlp, d_model]``: each neuron's ``w_out`` as the final norm sees it (centred over
-    ``d_model`` for LayerNorm families, unchanged for RMSNorm)."""
-    w = out_weight(m, layer)
+    """``[d_mlp, d_model]``: each neuron's residual direction (:func:`residual_out_weight`) as
+    the final norm sees it (centred over ``d_model`` for LayerNorm families)."""
+    w = residual_out_weight(m, layer)
     return _centre_d(w) if is_layernorm(m) else w
 
 
 @torch.no_grad()
 def in_directions(m: LoadedModel, layer: int) -> torch.Tensor:
     """``[d_mlp, d_model]``: each neuron's input weight with its MLP norm's scale folded in
-    (``gamma * w_in``), centred over ``d_model`` for LayerNorm families."""
+    (``gamma * w_in``; Gemma ``(1 + w) * w_in``; no norm: ``w_in``), centred over ``d_model``
+    for LayerNorm families."""
     w = in_weight(m, layer)  # [d_mlp, d_model]
-    gamma = norm_scale(block_norm(m, layer, "mlp"), m.adapter.d_model, w.device)  # [d_model]
+    gamma = m.adapter.norm_scale(block_norm(m, layer, "mlp")).to(w.device)  # [d_model]
     w = w * gamma[None, :]
     return _centre_d(w) if is_layernorm(m) else w
 
@@ -140,7 +182,7 @@ def _unit(x: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def _targets(m: LoadedModel, side: Side) -> torch.Tensor:
-    """``[d_model, vocab]`` unit columns the neurons are compared with."""
+    """``[d_model, n_vocab]`` unit columns the neurons are compared with."""
     if side == "out":
         return _unit(folded_unembed(m), 0)
     if side == "in":
@@ -157,7 +199,8 @@ def iter_vocab_cosines(m: LoadedModel, side: Side = "out", layers: Sequence[int]
                        neurons: Sequence[int] | None = None, *,
                        bytes_per_entry: int = 4, max_bytes: int = DEFAULT_MAX_BYTES
                        ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-    """Yield ``(layer, idx [nb], cos [nb, vocab])`` blocks of neuron-token cosines.
+    """Yield ``(layer, idx [nb], cos [nb, n_vocab])`` blocks of neuron-token cosines, over the
+    real tokens (:func:`real_vocab_size`).
 
     ``side="out"``: cos(w_out, W_U' columns); ``side="in"``: cos(gamma * w_in, W_E rows)
     (module docstring). ``neurons`` restricts every layer to those indices. A block holds at
@@ -165,8 +208,8 @@ def iter_vocab_cosines(m: LoadedModel, side: Side = "out", layers: Sequence[int]
     of a block raise ``bytes_per_entry`` accordingly.
     """
     ad = m.adapter
-    tgt = _targets(m, side)  # [d_model, V] unit columns
-    nb = max(1, int(max_bytes // (ad.vocab_size * bytes_per_entry)))
+    tgt = _targets(m, side)  # [d_model, n_vocab] unit columns, real tokens only
+    nb = max(1, int(max_bytes // (tgt.shape[1] * bytes_per_entry)))
     for layer in (range(ad.n_layers) if layers is None else layers):
         idx = torch.arange(ad.d_mlp) if neurons is None else torch.as_tensor(neurons).long()
         dirs = _unit(_directions(m, side, layer), 1)  # [d_mlp, d_model]
@@ -202,18 +245,6 @@ def vocab_moments(m: LoadedModel, side: Side = "out", max_bytes: int = DEFAULT_M
     return out
 
 
-def _decoder(tokenizer: Any | None):
-    """token id -> decoded string (None without a tokenizer), cached per id."""
-    cache: dict[int, str | None] = {}
-
-    def decode(i: int) -> str | None:
-        if i not in cache:
-            cache[i] = None if tokenizer is None else tokenizer.decode([i])
-        return cache[i]
-
-    return decode
-
-
 @torch.no_grad()
 def vocab_table(m: LoadedModel, tokenizer: Any | None = None,
                 neurons: Sequence[tuple[int, int]] | None = None, k: int = 20,
@@ -221,12 +252,16 @@ def vocab_table(m: LoadedModel, tokenizer: Any | None = None,
     """The ``k`` tokens with the highest and lowest cosine per neuron and side (``vocab.parquet``).
 
     Columns: ``model, layer, neuron, side ('out'|'in'), direction ('top'|'bottom'), rank (1 =
-    most extreme), token_id, token (decoded with ``tokenizer``, else ``m.tokenizer``; None
-    without either), cosine``. ``neurons`` None means every neuron of the model.
+    most extreme), token_id, token (the token's string by
+    :func:`unineurons.tokenizer.vocab_strings` of ``tokenizer``, else ``m.tokenizer``: a
+    SentencePiece ``▁in`` reads `` in``; None without either), cosine``. Only real token ids
+    appear (:func:`real_vocab_size`). ``neurons`` None means every neuron of the model.
     """
+    from ..tokenizer import vocab_strings
+
     ad = m.adapter
     tok = tokenizer if tokenizer is not None else m.tokenizer
-    k = min(k, ad.vocab_size)
+    k = min(k, real_vocab_size(m, tokenizer))
     if neurons is None:
         by_layer = {layer: list(range(ad.d_mlp)) for layer in range(ad.n_layers)}
     else:
@@ -252,9 +287,15 @@ def vocab_table(m: LoadedModel, tokenizer: Any | None = None,
                     cols["cosine"].append((val * sign).reshape(-1).cpu().numpy()
                                           .astype(np.float32))
     df = pd.DataFrame({c: np.concatenate(v) if v else np.array([]) for c, v in cols.items()})
-    decode = _decoder(tok)
     df.insert(0, "model", m.name)
-    strings = {int(i): decode(int(i)) for i in np.unique(df["token_id"].to_numpy())}
+    uniq = [int(i) for i in np.unique(df["token_id"].to_numpy())]
+    if tok is None:
+        texts: list[str | None] = [None] * len(uniq)
+    elif hasattr(tok, "convert_ids_to_tokens"):
+        texts = list(vocab_strings(tok, uniq))
+    else:  # a bare object with decode([id]): its own strings
+        texts = [tok.decode([i]) for i in uniq]
+    strings = dict(zip(uniq, texts, strict=True))
     df.insert(df.columns.get_loc("token_id") + 1, "token", df["token_id"].map(strings))
     return df.astype({"layer": "int64", "neuron": "int64", "rank": "int64", "token_id": "int64",
                       "cosine": "float32"})

@@ -43,6 +43,9 @@ def _register_all() -> None:
 
 
 _register_all()
+from .families import register as _register_seed_families  # noqa: E402
+
+_register_seed_families(app)
 
 
 def main(argv: list[str] | None = None) -> None:

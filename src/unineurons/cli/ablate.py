@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ..config import build
+from . import options as _opts
 from .options import BACKEND, CPUS_PER_WORKER, RAY_ADDRESS, WORKERS
 
 SIZES_DEFAULT = ",".join(str(2 ** k) for k in range(15)) + ",all"
@@ -48,6 +49,7 @@ def _floats(text: str) -> list[float]:
 
 
 def ablate(
+    ctx: typer.Context,
     run: Path = typer.Argument(..., help="Run directory (with neurons.parquet from correlate)."),
     model: list[str] | None = typer.Option(None, "--model", help="Model of the run (repeat "
                                            "for several); every model of the run when unset."),
@@ -63,24 +65,34 @@ def ablate(
     tokens: Path | None = typer.Option(None, "--tokens", help="Token store; the run's when unset."),
     n_tokens: int | None = typer.Option(None, "--n-tokens", help="Tokens to evaluate on; each "
                                         "configuration costs one forward pass over them."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random sets."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random sets and the bootstrap."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Paired-bootstrap resamples of the "
+                                  "contexts behind each effect's 95% interval (0: none)."),
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
     backend: str = BACKEND,
     ray_address: str = RAY_ADDRESS,
     workers: int = WORKERS,
     cpus_per_worker: int = CPUS_PER_WORKER,
+    family: str | None = _opts.FAMILY,
+    seeds: str | None = _opts.FAMILY_SEEDS,
+    step: int | None = _opts.FAMILY_STEP,
+    families_file: list[Path] | None = _opts.FAMILIES_FILE,
+    safetensors_only: bool = _opts.SAFETENSORS_ONLY,
 ) -> None:
     """Group ablations: universal vs non-universal vs random neurons -> RUN/ablations.parquet."""
     from ..analyses.ablate import AblateConfig, run_ablations
     from ..rundir import RunDir
     from . import console
+    from .families import family_models, hold_safetensors_only
 
+    model = family_models(model, family, seeds, step, families_file)
+    hold_safetensors_only(ctx, safetensors_only)
     cfg = build(AblateConfig, models=model or None, sets=_items(sets, "--sets"), method=method,
                 sizes=_sizes(sizes), per_layer=per_layer, random_draws=random_draws,
                 rank_all=rank_all, tokens=None if tokens is None else str(tokens),
-                n_tokens=n_tokens, seed=seed, batch_size=batch_size, device=device,
-                backend=backend, ray_address=ray_address, workers=workers,
+                n_tokens=n_tokens, seed=seed, n_bootstrap=bootstrap, batch_size=batch_size,
+                device=device, backend=backend, ray_address=ray_address, workers=workers,
                 cpus_per_worker=cpus_per_worker)
     rd = RunDir.open(run)
     df = run_ablations(rd, cfg)
@@ -96,13 +108,15 @@ def show_ablations(df) -> None:
     summary = summarize(df)
     # whole-model rows in full; per layer only the whole set (Nandan et al. Fig. 5)
     summary = summary[(summary["layer"] == -1) | (summary["size"] == "all")]
-    _print_table(console, summary, "ablations (delta_loss: mean ± std over draws)",
-                 ["model", "layer", "set", "size", "n_ablated", "delta_loss", "delta_loss_std",
-                  "kl", "efficiency"])
+    _print_table(console, summary, "ablations (delta_loss: mean over draws; lo, hi: its 95% "
+                 "interval over contexts and draws; std: over draws)",
+                 ["model", "layer", "set", "size", "n_ablated", "delta_loss", "delta_loss_lo",
+                  "delta_loss_hi", "delta_loss_std", "kl", "efficiency"])
     console.print(headline(df), highlight=False, soft_wrap=True)
 
 
 def intervene(
+    ctx: typer.Context,
     run: Path = typer.Argument(..., help="Run directory."),
     model: str | None = typer.Option(None, "--model", help="Model of the run; the run's first "
                                      "(reference) model when unset."),
@@ -117,9 +131,13 @@ def intervene(
     seed: int = typer.Option(0, "--seed", help="Seed of the random baseline neurons."),
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
+    safetensors_only: bool = _opts.SAFETENSORS_ONLY,
 ) -> None:
     """Fix single neurons at several values on every position -> RUN/interventions.parquet."""
     from ..analyses.interventions import InterveneConfig, run_interventions
+    from .families import hold_safetensors_only
+
+    hold_safetensors_only(ctx, safetensors_only)
     from ..rundir import RunDir
     from . import console
 
@@ -132,9 +150,10 @@ def intervene(
     shown.loc[shown["kind"] == "random", "address"] = "random (mean)"
     shown = shown.groupby(["model", "kind", "address", "value"], sort=False).mean(
         numeric_only=True).reset_index()
-    _print_table(console, shown, "single-neuron interventions",
-                 ["address", "value", "loss", "delta_loss", "entropy", "delta_entropy",
-                  "true_rank_median", "final_norm_scale"])
+    _print_table(console, shown, "single-neuron interventions (lo, hi: 95% interval over "
+                 "contexts; random: means over the baseline neurons)",
+                 ["address", "value", "loss", "delta_loss", "delta_loss_lo", "delta_loss_hi",
+                  "entropy", "delta_entropy", "true_rank_median", "final_norm_scale"])
     console.print(f"{len(df)} rows written to {rd.table_path('interventions')}", highlight=False)
 
 

@@ -12,7 +12,8 @@ from ..config import build
 from ..errors import UnineuronsError
 from .options import BACKEND, CHECKPOINT_TOKENS, CPUS_PER_WORKER, RAY_ADDRESS, WORKERS
 
-__all__ = ["register", "print_counts", "print_properties", "show_analysis"]
+__all__ = ["register", "print_counts", "print_properties", "show_analysis",
+           "role_rules_line"]
 
 
 def show_analysis(res) -> None:
@@ -21,11 +22,26 @@ def show_analysis(res) -> None:
 
     print_counts(res.families, "family", console)
     if res.roles is not None:
-        print_counts(res.roles, "role", console)
+        print_counts(res.roles, str(res.roles.columns[0]), console)
+    if getattr(res, "roles_calibrated", None) is not None:
+        print_counts(res.roles_calibrated, "role_calibrated", console)
+    for model, th in (getattr(res, "role_thresholds", None) or {}).items():
+        console.print(role_rules_line(model, th), highlight=False, soft_wrap=True)
     if res.properties is not None and len(res.properties):
         print_properties(res.properties, console)
     for note in res.notes:
         console.print(f"[yellow]note[/]: {note}")
+
+
+def role_rules_line(model: str, th: dict) -> str:
+    """One line stating both role rules of ``model`` (thresholds from analyses.roles)."""
+    p, c = th["paper"], th["calibrated"]
+    return (f"roles of {model}: paper rule kurt > {p['kurt']:g} (prediction skew > 0, "
+            f"suppression skew < 0), partition var > {p['var']:g}; calibrated rule (beyond the "
+            f"{c['quantile']:g} quantile of {c['n_null']} random directions) kurt > "
+            f"{c['kurt']:.4g} (prediction skew > {c['skew_hi']:.3g}, suppression skew < "
+            f"{c['skew_lo']:.3g}), partition var > {c['var']:.4g}; a random direction gets a "
+            f"calibrated vocabulary role {100 * c['null_role_share']:.2g}% of the time")
 
 
 def print_counts(counts: pd.DataFrame, column: str, console) -> None:
@@ -72,8 +88,11 @@ def _role_settings(items: list[str]) -> dict:
 
 
 def register(app: typer.Typer) -> None:
+    from .options import FAMILIES_FILE, FAMILY, FAMILY_SEEDS, FAMILY_STEP, SAFETENSORS_ONLY
+
     @app.command("analyze")
     def analyze(
+        ctx: typer.Context,
         run: Path = typer.Argument(None, help=(
             "Run directory of `unineurons correlate` (its models and tokens)."
         )),
@@ -131,6 +150,13 @@ def register(app: typer.Typer) -> None:
             "A role setting KEY=VALUE of analyses.roles.RoleConfig, e.g. prediction_kurt=8 or "
             "entropy_values=0,2,4 (repeat)."
         )),
+        role_thresholds: str = typer.Option("paper", "--role-thresholds", help=(
+            "Rule of the role column: paper (fixed thresholds) or calibrated (beyond a null of "
+            "random directions); both are written as role_paper and role_calibrated."
+        )),
+        role_null_quantile: float = typer.Option(0.999, "--role-null-quantile", help=(
+            "Calibrated roles: quantile of the random-direction null a statistic must exceed."
+        )),
         resume: bool = typer.Option(False, help=(
             "Continue an interrupted token pass from its last checkpoint (same options)."
         )),
@@ -139,12 +165,20 @@ def register(app: typer.Typer) -> None:
         ray_address: str = RAY_ADDRESS,
         workers: int = WORKERS,
         cpus_per_worker: int = CPUS_PER_WORKER,
+        family: str = FAMILY,
+        seeds: str = FAMILY_SEEDS,
+        step: int = FAMILY_STEP,
+        families_file: list[Path] = FAMILIES_FILE,
+        safetensors_only: bool = SAFETENSORS_ONLY,
     ) -> None:
         """Per-neuron statistics (moments, activation frequency), top activating contexts,
         neuron families and universal-vs-other properties, added to the run directory."""
         from ..analyses.analyze import AnalyzeConfig, analyze_models, analyze_run
         from . import console
+        from .families import family_models, hold_safetensors_only
 
+        model = family_models(model, family, seeds, step, families_file)
+        hold_safetensors_only(ctx, safetensors_only)
         if run is None and not model:
             raise UnineuronsError("analyze needs a RUN directory, or --model M --tokens DIR "
                                   "--out RUN for a model on its own")
@@ -161,7 +195,9 @@ def register(app: typer.Typer) -> None:
             token_classes=tuple(str(p) for p in token_class or ()),
             feature_modules=tuple(str(p) for p in feature_module or ()),
             vr_threshold=vr_threshold, position_threshold=position_threshold, n_ranked=n_ranked,
-            vocab_k=vocab_k, seed=seed, device=device, roles=_role_settings(role or []),
+            vocab_k=vocab_k, seed=seed, device=device,
+            roles={"thresholds": role_thresholds, "null_quantile": role_null_quantile,
+                   **_role_settings(role or [])},
             checkpoint_tokens=checkpoint_tokens, backend=backend, ray_address=ray_address,
             workers=workers, cpus_per_worker=cpus_per_worker,
         )

@@ -37,9 +37,12 @@ def print_summary(layers, console) -> None:
 
 
 def register(app: typer.Typer) -> None:
+    from .options import FAMILIES_FILE, FAMILY, FAMILY_SEEDS, FAMILY_STEP, SAFETENSORS_ONLY
+
     @app.command("correlate")
     def correlate(
-        model: list[str] = typer.Option(..., "--model", "-m", help=(
+        ctx: typer.Context,
+        model: list[str] = typer.Option(None, "--model", "-m", help=(
             "Model spec: a folder or HUB_ID[@REVISION]. Repeat; the first is the reference."
         )),
         tokens: Path = typer.Option(..., help="Token store folder (from `unineurons tokens build`)."),
@@ -78,6 +81,11 @@ def register(app: typer.Typer) -> None:
         ray_address: str = RAY_ADDRESS,
         workers: int = WORKERS,
         cpus_per_worker: int = CPUS_PER_WORKER,
+        family: str = FAMILY,
+        seeds: str = FAMILY_SEEDS,
+        step: int = FAMILY_STEP,
+        families_file: list[Path] = FAMILIES_FILE,
+        safetensors_only: bool = SAFETENSORS_ONLY,
     ) -> None:
         """Correlate every neuron of the reference model with every neuron of the other seeds;
         compare with the random-rotation baseline and mark universal neurons."""
@@ -85,7 +93,10 @@ def register(app: typer.Typer) -> None:
         from ..correlate.engine import run_correlate
         from ..correlate.plan import fmt_bytes
         from . import console
+        from .families import family_models, hold_safetensors_only
 
+        model = family_models(model, family, seeds, step, families_file, required=True)
+        hold_safetensors_only(ctx, safetensors_only)
         cfg = build(
             CorrelateConfig, models=model, tokens=str(tokens), n_tokens=n_tokens, pairs=pairs,
             baseline=baseline, threshold=threshold, ceiling=ceiling, top_k=top_k,

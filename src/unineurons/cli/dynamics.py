@@ -12,6 +12,7 @@ from typing import Any
 import typer
 
 from ..config import build
+from . import options as _opts
 from .options import BACKEND, CPUS_PER_WORKER, RAY_ADDRESS, WORKERS
 
 __all__ = ["register", "show_dynamics", "print_emergence", "print_persistence"]
@@ -95,6 +96,7 @@ def show_dynamics(res: Any) -> None:
 
 
 def dynamics(
+    ctx: typer.Context,
     out: Path = typer.Option(..., "--out", help="Run directory to write (steps/step{t}/ holds "
                              "each step's correlate run)."),
     tokens: Path = typer.Option(..., "--tokens", help="Token store to correlate on (held-out)."),
@@ -141,6 +143,11 @@ def dynamics(
     ray_address: str = RAY_ADDRESS,
     workers: int = WORKERS,
     cpus_per_worker: int = CPUS_PER_WORKER,
+    family: str | None = typer.Option(None, "--family", help="A seed family by name (`unineurons "
+                                      "families`) instead of --zoo / --model-template: --seeds "
+                                      "picks its members, --steps its checkpoints."),
+    families_file: list[Path] | None = _opts.FAMILIES_FILE,
+    safetensors_only: bool = _opts.SAFETENSORS_ONLY,
 ) -> None:
     """Universal neurons at every checkpoint step: emergence per layer, persistence
     P(t → t'), per-neuron trajectories and (--ablate) group ablations per step."""
@@ -149,7 +156,25 @@ def dynamics(
     from ..zoo import parse_int_list
     from . import console
     from .ablate import _items, _sizes
+    from .families import hold_safetensors_only
 
+    hold_safetensors_only(ctx, safetensors_only)
+    if family is not None:
+        from ..errors import UnineuronsError
+        from .families import family_template
+
+        if zoo is not None or model_template is not None or names is not None:
+            raise UnineuronsError("--family replaces --zoo, --model-template and --names; give "
+                                  "one source of models")
+        model_template, fam_names = family_template(
+            family, seeds, None if steps is None else list(parse_int_list(steps, "--steps")),
+            families_file)
+        names, seeds = ",".join(fam_names), None
+    elif families_file:
+        from ..errors import UnineuronsError
+
+        raise UnineuronsError("--families-file adds seed families for --family; give --family "
+                              "NAME too")
     acfg = None
     if ablate:
         acfg = build(AblateConfig, sets=_items("universal,non-universal,random", "--sets"),

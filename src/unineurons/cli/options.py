@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-__all__ = ["BACKEND", "RAY_ADDRESS", "WORKERS", "CPUS_PER_WORKER", "CHECKPOINT_TOKENS"]
+__all__ = ["BACKEND", "RAY_ADDRESS", "WORKERS", "CPUS_PER_WORKER", "CHECKPOINT_TOKENS",
+           "SAFETENSORS_ONLY", "FAMILY", "FAMILY_SEEDS", "FAMILY_STEP", "FAMILIES_FILE"]
 
 BACKEND = typer.Option("local", help=(
     "local: this process; ray: token shards on Ray workers, states merged here "
@@ -16,3 +17,21 @@ RAY_ADDRESS = typer.Option(None, help=(
 WORKERS = typer.Option(1, help="Ray workers; each loads the models once (--backend ray).")
 CPUS_PER_WORKER = typer.Option(1, help="CPU cores each Ray worker reserves (--backend ray).")
 CHECKPOINT_TOKENS = typer.Option(1_000_000, help="Save resumable state every this many tokens.")
+SAFETENSORS_ONLY = typer.Option(False, "--safetensors-only", help=(
+    "Load safetensors weights only; refuse pytorch_model.bin (by default read through "
+    "torch.load(weights_only=True), never a full unpickle). Also: UNINEURONS_SAFETENSORS_ONLY=1."
+))
+FAMILY = typer.Option(None, "--family", help=(
+    "A seed family by name (`unineurons families`): its members, after any --model."
+))
+FAMILY_SEEDS = typer.Option(None, "--seeds", help=(
+    "With --family: the members' seeds, e.g. 0-9 or 21,49 (default: all); the first is the "
+    "reference."
+))
+FAMILY_STEP = typer.Option(None, "--step", help=(
+    "With --family: the training step's checkpoint (the family's revision naming; default: main)."
+))
+FAMILIES_FILE = typer.Option(None, "--families-file", help=(
+    "Extra seed family file (TOML like the built-in registry); repeat. Also: "
+    "UNINEURONS_SEED_FAMILIES."
+))

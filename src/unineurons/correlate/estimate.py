@@ -24,7 +24,7 @@ def shape_from_config(spec: str) -> ModelShape:
     width, heads, vocabulary), from its config only."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ..models.adapters import ARCHITECTURES
+    from ..models.adapters import ARCHITECTURES, mlp_shape_from_config
     from ..models.load import parse_model_spec
 
     ms = parse_model_spec(spec)
@@ -36,10 +36,7 @@ def shape_from_config(spec: str) -> ModelShape:
     if cfg.model_type not in ARCHITECTURES:
         raise UnineuronsError(f"model {spec}: architecture {cfg.model_type!r} is not supported; "
                               f"supported: {', '.join(sorted(ARCHITECTURES))}")
-    if cfg.model_type == "gpt2":
-        n_layers, d_mlp = cfg.n_layer, cfg.n_inner or 4 * cfg.n_embd
-    else:
-        n_layers, d_mlp = cfg.num_hidden_layers, cfg.intermediate_size
+    n_layers, d_mlp = mlp_shape_from_config(cfg)  # each family's names
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
     n_params = sum(p.numel() for p in model.parameters())

@@ -1,7 +1,9 @@
 """Load Hugging Face causal LMs by spec: a local folder or ``HUB_ID[@REVISION]``.
 
-Weights load from safetensors only (``use_safetensors=True``): a checkpoint that only has
-pickled ``.bin`` weights is refused. Training checkpoints on the hub are revisions, e.g.
+Weights load from safetensors, or from ``pytorch_model.bin`` through PyTorch's restricted
+unpickler (``torch.load(weights_only=True)``; never a full unpickle), see
+:mod:`unineurons.models.checkpoint`; ``safetensors_only`` refuses ``.bin`` files. Every missing or
+unexpected tensor is an error. Training checkpoints on the hub are revisions, e.g.
 ``stanford-crfm/alias-gpt2-small-x21@checkpoint-80000``.
 """
 
@@ -16,6 +18,7 @@ import torch
 
 from ..errors import UnineuronsError
 from .adapters import Adapter, get_adapter
+from .checkpoint import file_sha256, find_weight_files, load_checkpoint, safetensors_only_default
 
 __all__ = ["ModelSpec", "LoadedModel", "parse_model_spec", "load_model", "load_tokenizer",
            "check_compatible", "vocab_fingerprint"]
@@ -74,7 +77,7 @@ def _hub_error(ms: ModelSpec, e: Exception) -> UnineuronsError:
     return UnineuronsError(
         f"model {ms.spec}: cannot load {ms.location}{rev} ({type(e).__name__}: "
         f"{str(e).splitlines()[0] if str(e) else ''}); offline and not cached, or no such "
-        "model/revision, or no safetensors weights: check the id, connect, or pass a local folder"
+        "model/revision: check the id, connect, or pass a local folder"
     )
 
 
@@ -95,9 +98,18 @@ def load_tokenizer(spec: str | ModelSpec) -> Any:
 
 
 def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               with_tokenizer: bool = True) -> LoadedModel:
-    """Load a causal LM in eval mode, with its architecture adapter and weight hash."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+               with_tokenizer: bool = True, safetensors_only: bool | None = None) -> LoadedModel:
+    """Load a causal LM in eval mode, with its architecture adapter and weight hash.
+
+    ``safetensors_only``: refuse ``.bin`` weights (default: ``UNINEURONS_SAFETENSORS_ONLY``).
+    ``info`` (recorded in run manifests) holds the architecture's sizes, ``weights_format``
+    (``safetensors`` or ``pytorch_bin``) and ``weight_files`` (file name -> sha256).
+
+    Raises:
+        UnineuronsError: no config or weights; a refused or unreadable weight file; missing or
+            unexpected tensors; an unsupported architecture (see :mod:`.checkpoint`).
+    """
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bars are the ones that matter
@@ -108,24 +120,21 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         if ms.local:
             raise UnineuronsError(f"model {ms.spec}: no readable config.json in the folder ({e})") from None
         raise _hub_error(ms, e) from None
-    if config.model_type not in ("gpt2", "gpt_neox", "llama"):
-        from .adapters import ARCHITECTURES
+    from .adapters import ARCHITECTURES
 
+    if config.model_type not in ARCHITECTURES:
         raise UnineuronsError(
             f"model {ms.spec}: architecture {config.model_type!r} is not supported; supported: "
             f"{', '.join(sorted(ARCHITECTURES))}"
         )
+    strict = safetensors_only_default() if safetensors_only is None else safetensors_only
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            ms.location, revision=ms.revision, use_safetensors=True, dtype=dtype
-        )
+        weights = find_weight_files(ms.location, ms.revision, ms.local, strict)
+    except UnineuronsError as e:
+        raise UnineuronsError(f"model {ms.spec}: {e}") from None
     except Exception as e:
-        if ms.local:
-            raise UnineuronsError(
-                f"model {ms.spec}: cannot load weights ({type(e).__name__}: {e}); only safetensors "
-                "weights are loaded"
-            ) from None
         raise _hub_error(ms, e) from None
+    model = load_checkpoint(config, weights, dtype, ms.spec)
     model.eval().to(device)
     tok = None
     if with_tokenizer:
@@ -137,7 +146,9 @@ def load_model(spec: str, device: str = "cpu", dtype: torch.dtype = torch.float3
     return LoadedModel(
         spec=ms, model=model, adapter=adapter, tokenizer=tok, weights_sha256=_weights_hash(model),
         info={"model_type": config.model_type, "n_layers": adapter.n_layers,
-              "d_mlp": adapter.d_mlp, "d_model": adapter.d_model, "vocab_size": adapter.vocab_size},
+              "d_mlp": adapter.d_mlp, "d_model": adapter.d_model, "vocab_size": adapter.vocab_size,
+              "weights_format": weights.format,
+              "weight_files": {p.name: file_sha256(p) for p in weights.files}},
     )
 
 

@@ -254,7 +254,10 @@ def _roles(t: Tables, opts: dict) -> Drawn:
     counts = role_counts(n)
     if counts.empty:
         raise Skip(f"no neuron of {t.reference} has a role other than none")
-    return _stacked(t, "role", ROLE_ORDER, counts, n, "role")
+    drawn = _stacked(t, "role", ROLE_ORDER, counts, n, "role")
+    from ..analyses.roles import rules_sentence  # paper vs calibrated rule (docs/tables.md)
+
+    return Drawn(drawn.fig, (drawn.caption + " " + rules_sentence(n)).strip(), drawn.notes)
 
 
 @figure("families_by_layer", "Neuron families by layer", "Families", needs=["neurons"])
@@ -355,5 +358,8 @@ def _full_cosines(t: Tables, model: str, layer: int, neuron: int, opts: dict
     except (UnineuronsError, OSError) as e:
         return None, [f"histogram over the whole vocabulary not drawn: model {model} does not "
                       f"load ({e})"]
-    cos = vocab_cosines(m, layer)[neuron].cpu().numpy()  # [vocab]
+    n_vocab = ((t.manifest.get("analyze") or {}).get("n_vocab") or {}).get(model)
+    if n_vocab:  # the real tokens analyze used (padded vocabularies)
+        m.adapter.set_n_vocab(int(n_vocab))
+    cos = vocab_cosines(m, layer)[neuron].cpu().numpy()  # [n_vocab]
     return cos, []

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from ..analyses.effects import group_interval
 from .figures import PALETTE, SET_COLORS, Drawn, Skip, Tables, figure, new_figure
 
 __all__ = ["reference_member", "persistence_matrix"]
@@ -144,17 +145,23 @@ def _dynamics_ablations(t: Tables, opts: dict) -> Drawn:
             size = g.loc[g["set"] == "universal", "n_requested"].max()
             s = g[(g["set"] == name) & (g["n_requested"] == size)]
             if len(s):
-                rows.append((step, s["delta_loss"].mean(), s["n_ablated"].mean()))
+                rows.append((step, s["delta_loss"].mean(), s["n_ablated"].mean(),
+                             *group_interval(s)))  # 95%: contexts (and draws) resampled
         if rows:
-            st, dl, _ = zip(*rows, strict=True)
-            ax.plot(st, dl, "-o", ms=3, color=SET_COLORS[name], label=name)
-            parts.append(f"{name}: " + ", ".join(f"step {s:g} n={n:g} {v:+.3g}"
-                                                 for s, v, n in rows))
+            st, dl, _, lo, hi = (np.array(v, dtype=float) for v in zip(*rows, strict=True))
+            yerr = np.vstack([dl - lo, hi - dl]).clip(min=0) if np.isfinite(lo).any() else None
+            ax.errorbar(st, dl, yerr=yerr, fmt="-o", ms=3, capsize=2, color=SET_COLORS[name],
+                        label=name)
+            parts.append(f"{name}: " + ", ".join(
+                f"step {s:g} n={n:g} {v:+.3g}" + (f" [{a:+.3g}, {b:+.3g}]" if np.isfinite(a) else "")
+                for s, v, n, a, b in rows))
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("training step")
     ax.set_ylabel("Δ loss (nats)")
     ax.set_title(f"{meth} ablation of the largest universal set per step{_member(t, d)}")
     ax.legend()
     cap = ("Loss increase when each checkpoint's largest universal set, and sets of the same "
-           "size of non-universal and random neurons, are ablated. " + "; ".join(parts) + ".")
+           "size of non-universal and random neurons, are ablated (error bars and [brackets]: "
+           "95% interval, paired bootstrap over contexts, random draws resampled too). "
+           + "; ".join(parts) + ".")
     return Drawn(fig, cap)

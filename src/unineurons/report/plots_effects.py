@@ -122,7 +122,8 @@ def _family_examples(t: Tables, opts: dict) -> Drawn:
 def intervention_curves(df: pd.DataFrame, x: str, metrics: list[str]) -> pd.DataFrame:
     """Per (group, x): the metrics' mean, min and max. ``group`` is a target neuron's address,
     or ``random`` for the random baseline neurons pooled. Columns: group, x, and
-    ``{m}``, ``{m}_min``, ``{m}_max`` per metric."""
+    ``{m}``, ``{m}_min``, ``{m}_max`` per metric, plus ``{m}_lo``, ``{m}_hi`` (the 95 % paired
+    bootstrap interval; a target is one neuron, so its own) where ``df`` has them."""
     df = df.copy()
     if "address" not in df:
         df["address"] = "L" + df["layer"].astype(str) + ".N" + df["neuron"].astype(str)
@@ -132,6 +133,9 @@ def intervention_curves(df: pd.DataFrame, x: str, metrics: list[str]) -> pd.Data
     for m in metrics:
         out[f"{m}_min"] = g[m].min()
         out[f"{m}_max"] = g[m].max()
+        if f"{m}_lo" in df.columns:
+            out[f"{m}_lo"] = g[f"{m}_lo"].mean()
+            out[f"{m}_hi"] = g[f"{m}_hi"].mean()
     return out.reset_index()
 
 
@@ -151,7 +155,10 @@ def _curves(t: Tables, table: str, x: str, metrics: list[tuple[str, str]], xlabe
     for ax, (m, label) in zip(axes, metrics, strict=True):
         for i, grp in enumerate(groups[:8]):
             s = c[c["group"] == grp]
-            ax.plot(s[x], s[m], "-o", ms=3, color=PALETTE[(i + 3) % len(PALETTE)], label=grp)
+            col = PALETTE[(i + 3) % len(PALETTE)]
+            ax.plot(s[x], s[m], "-o", ms=3, color=col, label=grp)
+            if f"{m}_lo" in s.columns and s[f"{m}_lo"].notna().any():  # 95% interval
+                ax.fill_between(s[x], s[f"{m}_lo"], s[f"{m}_hi"], color=col, alpha=0.15, lw=0)
         r = c[c["group"] == "random"]
         if len(r):
             ax.plot(r[x], r[m], "--", color=SET_COLORS["random"], label="random (mean, range)")
@@ -164,8 +171,11 @@ def _curves(t: Tables, table: str, x: str, metrics: list[tuple[str, str]], xlabe
             s = c[c["group"] == grp].set_index(x)[m]
             parts.append(f"{grp} {m}: " + ", ".join(f"{k:g}→{v:+.3g}" for k, v in s.items()))
     axes[0].legend(fontsize=7)
+    band = (" Shaded around a target: its 95% interval (paired bootstrap over contexts)."
+            if any(f"{m}_lo" in c.columns for m, _ in metrics) else "")
     cap = (f"{t.short(model)}: {what}, mean over the evaluated predictions, as a function of "
-           f"the activation value the neuron is fixed at ({xlabel}). " + "; ".join(parts) + ".")
+           f"the activation value the neuron is fixed at ({xlabel})." + band + " "
+           + "; ".join(parts) + ".")
     return Drawn(fig, cap)
 
 
@@ -190,6 +200,13 @@ def _interventions(t: Tables, opts: dict) -> Drawn:
                    "(named) or a random last-layer neuron is fixed")
 
 
+def _set_names(s: pd.DataFrame) -> list[str]:
+    """The sets of ``s`` in plotting order: universal ones, then non-universal, random."""
+    names = list(pd.unique(s["set"]))
+    return ([n for n in names if n not in ("non-universal", "random")]
+            + [n for n in ("non-universal", "random") if n in names])
+
+
 def ablation_summary(df: pd.DataFrame) -> pd.DataFrame:
     """:func:`unineurons.analyses.ablate.summarize` of the rows with neurons ablated."""
     from ..analyses.ablate import summarize
@@ -211,27 +228,41 @@ def _ablation_curves(t: Tables, opts: dict) -> Drawn:
     methods = list(pd.unique(s["method"]))
     fig, axes = new_figure(len(methods), width=4.6)
     parts = []
+    ci = bool(s["delta_loss_lo"].notna().any())  # tables of older versions have no intervals
     for ax, meth in zip(axes, methods, strict=True):
-        for name in ("universal", "non-universal", "random"):
+        for name in _set_names(s):
             g = s[(s["method"] == meth) & (s["set"] == name)].sort_values("n_ablated")
             if g.empty:
                 continue
-            col = SET_COLORS[name]
-            ax.errorbar(g["n_ablated"], g["delta_loss"], yerr=g["delta_loss_std"], fmt="-o", ms=3,
-                        capsize=2, color=col, label=name + (" (mean ± sd)" if name == "random" else ""))
+            col = SET_COLORS.get(name, PALETTE[len(parts) % len(PALETTE)])
+            if ci:  # 95% interval over contexts (and draws)
+                yerr = np.vstack([g["delta_loss"] - g["delta_loss_lo"],
+                                  g["delta_loss_hi"] - g["delta_loss"]]).clip(min=0)
+                label = name + (" (mean, 95% interval)" if name == "random" else "")
+            else:
+                yerr, label = g["delta_loss_std"], name + (" (mean ± sd)" if name == "random" else "")
+            ax.errorbar(g["n_ablated"], g["delta_loss"], yerr=yerr, fmt="-o", ms=3, capsize=2,
+                        color=col, label=label)
             parts.append(f"{meth} {name}: " + ", ".join(
                 f"{x:g}→{y:+.3g}" + (f"±{e:.2g}" if d > 1 else "")
-                for x, y, e, d in zip(g["n_ablated"], g["delta_loss"], g["delta_loss_std"],
-                                      g["draws"], strict=True)))
+                + (f" [{lo:+.3g}, {hi:+.3g}]" if ci else "")
+                for x, y, lo, hi, e, d in zip(g["n_ablated"], g["delta_loss"], g["delta_loss_lo"],
+                                              g["delta_loss_hi"], g["delta_loss_std"], g["draws"],
+                                              strict=True)))
         ax.set_xscale("log", base=2)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_xlabel("neurons ablated (whole model)")
         ax.set_ylabel("Δ loss (nats)")
         ax.set_title(f"{meth} ablation: {t.short(model)}")
         ax.legend()
+    how = ("error bars and [brackets]: 95% interval from a paired bootstrap over contexts, "
+           "random sets also resampling their draws; ±: standard deviation over random draws"
+           if ci else
+           "random: mean ± standard deviation over draws; this table has no intervals (made "
+           "before they were added: rerun `unineurons ablate`)")
     cap = ("Increase of the next-token loss when the top-n universal neurons (by excess "
            "correlation), the least universal neurons, or layer-matched random neurons are "
-           "ablated together (n → Δ loss; random: mean ± standard deviation over draws). "
+           f"ablated together (n → Δ loss; {how}). "
            + "; ".join(parts) + ". " + headline(raw[raw["model"] == model]))
     return Drawn(fig, cap)
 
@@ -248,10 +279,15 @@ def _ablation_efficiency(t: Tables, opts: dict) -> Drawn:
     parts = []
     ax = axes[0]
     whole = s[s["layer"] == -1]
-    for name in ("universal", "non-universal", "random"):
+    ci = bool(s["delta_loss_lo"].notna().any())
+    for name in _set_names(whole):
         g = whole[whole["set"] == name].sort_values("n_ablated")
         if len(g):
-            ax.plot(g["n_ablated"], g["efficiency"], "-o", ms=3, color=SET_COLORS[name], label=name)
+            col = SET_COLORS.get(name, PALETTE[4])
+            ax.plot(g["n_ablated"], g["efficiency"], "-o", ms=3, color=col, label=name)
+            if ci:  # the delta_loss interval divided by the (mean) set size
+                ax.fill_between(g["n_ablated"], g["delta_loss_lo"] / g["n_ablated"],
+                                g["delta_loss_hi"] / g["n_ablated"], color=col, alpha=0.15, lw=0)
             parts.append(f"whole model {name}: " + ", ".join(
                 f"{x:g}→{y:.3g}" for x, y in zip(g["n_ablated"], g["efficiency"], strict=True)))
     ax.set_xscale("log", base=2)
@@ -265,12 +301,15 @@ def _ablation_efficiency(t: Tables, opts: dict) -> Drawn:
         # per layer, the largest size asked for there (the whole universal set for "all")
         big = per_layer.loc[per_layer.groupby(["layer", "set"])["n_ablated"].idxmax()]
         layers = sorted(big["layer"].unique())
-        sets = [x for x in ("universal", "non-universal", "random") if x in set(big["set"])]
+        sets = _set_names(big)
         w = 0.8 / len(sets)
         for i, name in enumerate(sets):
             g = big[big["set"] == name].set_index("layer").reindex(layers)
+            yerr = (np.vstack([g["efficiency"] - g["delta_loss_lo"] / g["n_ablated"],
+                               g["delta_loss_hi"] / g["n_ablated"] - g["efficiency"]]).clip(min=0)
+                    if ci else None)
             b.bar(np.array(layers) + (i - (len(sets) - 1) / 2) * w, g["efficiency"], width=w,
-                  color=SET_COLORS[name], label=name)
+                  color=SET_COLORS.get(name, PALETTE[4]), label=name, yerr=yerr, capsize=2)
             parts.append(f"per layer {name}: " + ", ".join(
                 f"L{lay} {e:.3g} (n={n:g})" for lay, e, n in
                 zip(layers, g["efficiency"], g["n_ablated"], strict=True) if not math.isnan(n)))
@@ -281,5 +320,7 @@ def _ablation_efficiency(t: Tables, opts: dict) -> Drawn:
     else:
         notes.append("no per-layer ablations in the run (`unineurons ablate --per-layer`)")
     cap = ("Ablation efficiency: loss increase divided by the number of neurons ablated (mean "
-           "over random draws). " + "; ".join(parts) + ".")
+           "over random draws" + ("; shading and error bars: the 95% interval of the loss "
+                                  "increase over contexts and draws, divided likewise" if ci else "")
+           + "). " + "; ".join(parts) + ".")
     return Drawn(fig, cap, notes)
