@@ -168,7 +168,7 @@ def anchor(models, store, n_tokens, batch_size, pairs: str = "reference", baseli
     for i, j in base_pairs if baseline else ():
         g = torch.Generator().manual_seed(j)
         _anchor_pass(models[i], models[j], store, n_tokens, batch_size,
-                     [random_orthogonal(d, g) for _ in range(L)])
+                     [random_orthogonal(d, g).float() for _ in range(L)])
     return time.perf_counter() - t0
 
 
