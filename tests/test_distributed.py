@@ -52,6 +52,13 @@ def _cfg(models, store, **kw) -> CorrelateConfig:
 def _assert_same_tables(a: Path, b: Path, atol: float) -> None:
     """neurons and matches of two runs agree to ``atol``; argmax indices exactly."""
     na, nb = pd.read_parquet(a / "neurons.parquet"), pd.read_parquet(b / "neurons.parquet")
+    # calibrated p-values step by 1 / (1 + pooled null draws): rounding can move a neuron by a
+    # step (correlate/calibrate.py); compared at that resolution, q through the flags
+    cal = [c for c in ("p_value", "q_value", "is_universal_calibrated") if c in na]
+    if cal:
+        np.testing.assert_allclose(na.p_value, nb.p_value, atol=3e-3)
+        assert (na.is_universal_calibrated == nb.is_universal_calibrated).mean() > 0.99
+        na, nb = na.drop(columns=cal), nb.drop(columns=cal)
     pd.testing.assert_frame_equal(na, nb, check_exact=False, atol=atol, rtol=0)
     ma, mb = pd.read_parquet(a / "matches.parquet"), pd.read_parquet(b / "matches.parquet")
     pd.testing.assert_frame_equal(ma, mb, check_exact=False, atol=atol, rtol=0)

@@ -136,17 +136,26 @@ def test_blocks_are_split_into_layers_only_when_that_saves_passes():
     # a pair and the ceiling, whole: 2 x 1.28 MB plus one block's fold temporary (1.28 MB)
     whole = plan_units(shapes, "reference", persistent + 8 * layer + 4 * layer, 0)
     assert len(whole.passes) == 1 and {u.l1 - u.l0 for u in whole.passes[0]} == {4}
-    # 3 MB: whole blocks do not fit, one-layer blocks do (2.56 MB + 320 KB) in one pass
-    split = plan_units(shapes, "reference", persistent + 3_000_000, 0)
+    # whole blocks do not fit, one-layer blocks do (2.56 MB + the layer similarity's working
+    # copies of one layer pair, more than a block here) in one pass
+    from unineurons.correlate.extras import extras_work_bytes
+    from unineurons.correlate.plan import Unit
+
+    extra = extras_work_bytes(Unit(0, 1, 0, 1, "pair"), shapes)
+    assert extra > layer
+    split = plan_units(shapes, "reference", persistent + 8 * layer + extra + 1000, 0)
     assert len(split.passes) == 1 and {u.l1 - u.l0 for u in split.passes[0]} == {1}
-    assert split.pass_bytes == [8 * layer] and split.work_bytes == [layer]
-    assert split.peak_bytes == persistent + 9 * layer <= persistent + 3_000_000
+    assert split.pass_bytes == [8 * layer] and split.work_bytes == [extra]
+    assert split.peak_bytes == persistent + 8 * layer + extra
     # a tile (one layer by one layer, 80 KB) needs WORK_TILE copies; here a block is 4 tiles
-    assert work_bytes(split.passes[0][0], shapes) == max(layer, WORK_TILE * 100 * 100 * F64)
+    ceil = next(u for u in split.passes[0] if u.kind == "ceiling")
+    assert work_bytes(ceil, shapes) == max(layer, WORK_TILE * 100 * 100 * F64)
 
 
 def test_refuses_with_numbers_when_one_layer_cannot_fit():
-    with pytest.raises(UnineuronsError, match=r"too small: one layer .* needs 2\.4 MB and 7\.2 MB"):
+    # the layer similarity of one 1000 x 300 layer pair (correlate/similarity.py) outweighs
+    # the block's WORK_TILE tiles
+    with pytest.raises(UnineuronsError, match=r"too small: one layer .* needs 2\.4 MB and 47\.2 MB"):
         plan_units([ModelShape(1, 1000, 0), ModelShape(1, 300, 0)], "reference", 3_000_000, 0)
 
 

@@ -160,13 +160,49 @@ def _jsonl(path: Path) -> Iterator[Document]:
     return _jsonl_file(path, path.name)
 
 
+class _ZstdReader(io.RawIOBase):
+    """A .zst file decompressed as a stream that raises at its end when the last frame is
+    incomplete: a truncated file is an error, not a shorter (or empty) corpus."""
+
+    def __init__(self, path: Path):
+        import zstandard
+
+        self._path, self._f = path, open(path, "rb")  # noqa: SIM115
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._d, self._buf, self._pending = self._new(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self._buf:
+            chunk = self._f.read(1 << 16)
+            if not chunk:
+                if self._pending:  # bytes went into a frame that never ended
+                    raise UnineuronsError(
+                        f"corpus file {self._path} is truncated (its zstd stream ends inside a "
+                        "frame); re-download or re-compress it")
+                return 0
+            self._pending = True
+            out = self._d.decompress(chunk)
+            while self._d.eof:  # a frame ended: the rest may start another one
+                rest, self._d = self._d.unused_data, self._new()
+                self._pending = bool(rest)
+                out += self._d.decompress(rest) if rest else b""
+            self._buf = out
+        n = min(len(b), len(self._buf))
+        b[:n], self._buf = self._buf[:n], self._buf[n:]
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
 def _open_text(path: Path) -> io.TextIOBase:
     name = path.name.lower()
     if name.endswith(".zst"):
-        import zstandard
-
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)  # noqa: SIM115
-        return io.TextIOWrapper(raw, encoding="utf-8")
+        return io.TextIOWrapper(io.BufferedReader(_ZstdReader(path)), encoding="utf-8")
     if name.endswith(".gz"):
         import gzip
 

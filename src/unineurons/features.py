@@ -215,7 +215,9 @@ def token_class_from_file(path: str | Path, name: str | None = None) -> Feature:
     if not p.is_file():
         raise UnineuronsError(f"token class file {p} does not exist; give a text file listing "
                               "one token per line")
-    members = frozenset(line for line in p.read_text(encoding="utf-8").splitlines() if line)
+    from .io import read_text
+
+    members = frozenset(line for line in read_text(p, "token class file").splitlines() if line)
     if not members:
         raise UnineuronsError(f"token class file {p} lists no tokens; put one token per line")
     return token_class(name or p.stem, members.__contains__, f"tokens listed in {p.name}")
@@ -232,6 +234,9 @@ def load_feature_module(path: str | Path) -> list[str]:
     if spec is None or spec.loader is None:
         raise UnineuronsError(f"feature module {p} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
+    from .errors import USER_CODE
+
+    USER_CODE.add(str(spec.origin))  # its exceptions are the user's errors (see unineurons.cli)
     spec.loader.exec_module(module)
     return sorted(set(FEATURES) - before)
 

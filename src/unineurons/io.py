@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +31,10 @@ __all__ = [
     "sha256_file",
     "prepare_out_dir",
     "MARKER",
+    "read_text",
+    "check_free_disk",
+    "created_outputs",
+    "remove_created_outputs",
 ]
 
 #: Name of the marker file that says "this folder was made by unineurons, of this kind".
@@ -75,13 +80,41 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A UTF-8 text file's contents; a missing file or one in another encoding is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnineuronsError(f"{what} {path} does not exist")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UnineuronsError(
+            f"{what} {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
+
+
+def check_free_disk(path: str | os.PathLike, need_bytes: int, what: str) -> None:
+    """Refuse to start writing ``need_bytes`` under ``path`` (or its nearest existing parent)
+    when the file system has less free space, rather than fail (or crash) half-way."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    free = shutil.disk_usage(p).free
+    if need_bytes > free:
+        raise UnineuronsError(
+            f"{what} needs {need_bytes / 1e9:,.2f} GB but {p} has only {free / 1e9:,.2f} GB free; "
+            "free some space or write elsewhere"
+        )
+
+
 def read_json(path: str | os.PathLike, what: str = "file") -> Any:
     """Read JSON, turning a missing or malformed file into a clear error."""
     path = Path(path)
     if not path.is_file():
         raise UnineuronsError(f"{what} {path} does not exist")
     try:
-        return json.loads(path.read_text())
+        return json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
         raise UnineuronsError(
             f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}); "
@@ -159,7 +192,8 @@ def prepare_out_dir(path: str | os.PathLike, kind: str, *, exist_ok: bool = True
     """
     path = Path(path)
     marker = path / MARKER
-    if path.exists():
+    existed = path.exists()
+    if existed:
         if not path.is_dir():
             raise UnineuronsError(f"output {path} exists and is not a folder; choose another --out")
         if any(path.iterdir()):
@@ -176,9 +210,47 @@ def prepare_out_dir(path: str | os.PathLike, kind: str, *, exist_ok: bool = True
                 )
             if not exist_ok:
                 raise UnineuronsError(f"output folder {path} already holds a {kind}")
-    path.mkdir(parents=True, exist_ok=True)
+    if not existed:
+        # the topmost folder this call makes is what a failed command removes again
+        top = path.absolute()
+        while not top.parent.exists():
+            top = top.parent
+        path.mkdir(parents=True, exist_ok=True)
+        _CREATED.append((top, kind))
+    from . import lock
+
+    if lock.hold_on_open:  # a CLI command: one at a time per folder; sweeps stale temp files
+        lock.acquire(path, f"output folder ({kind})")
     if not marker.is_file():
         from . import __version__
 
         write_json(marker, {"kind": kind, "version": __version__})
     return path
+
+
+#: folders :func:`prepare_out_dir` created in this process (oldest first), with their kind
+_CREATED: list[tuple[Path, str]] = []
+
+#: Kinds whose finished parts a rerun reuses (a pipeline's stages, a zoo's seeds and
+#: checkpoints): a failure later on keeps them rather than throw away hours of training.
+KEEP_ON_FAILURE = ("pipeline", "zoo")
+
+
+def created_outputs() -> list[Path]:
+    """The output folders made by this process so far (the CLI removes them on failure)."""
+    return [p for p, _ in _CREATED]
+
+
+def remove_created_outputs(since: int = 0) -> list[Path]:
+    """Remove the folders :func:`prepare_out_dir` made (from the ``since``-th on), newest
+    first, with everything in them: what a failed command made is not left behind (except
+    the kinds in :data:`KEEP_ON_FAILURE`, whose finished parts a rerun resumes from)."""
+    gone = []
+    while len(_CREATED) > since:
+        p, kind = _CREATED.pop()
+        holds_work = kind in KEEP_ON_FAILURE and p.is_dir() and any(
+            q.is_dir() and not q.name.startswith(".") for q in p.iterdir())  # stages, seeds
+        if not holds_work and p.exists():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone

@@ -32,16 +32,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .analyses.ablate import AblateConfig
 from .analyses.analyze import AnalyzeConfig
 from .analyses.dynamics import DynamicsConfig
-from .config import Backend, describe_error, without_backend
+from .config import Backend, check_model_ranges, describe_error, without_backend
 from .errors import UnineuronsError
-from .io import prepare_out_dir, read_json, write_json
+from .io import prepare_out_dir, read_json, read_text, write_json
 from .report.build import ReportConfig
 
 __all__ = ["PipelineConfig", "load_config", "run_pipeline", "builtin_config"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class TokenizerStage(_Section):
@@ -67,6 +67,25 @@ class ZooStage(_Section):
     workers: int | None = Field(None, ge=1, description="Training processes (default: cores).")
     lr: float | None = Field(None, gt=0, description="Peak learning rate override.")
     batch_size: int | None = Field(None, ge=1, description="Contexts per step override.")
+    init_seeds: list[int] | None = Field(None, description="With data_seeds: train the seed "
+                                         "grid init{I}-data{D} instead of seeds.")
+    data_seeds: list[int] | None = Field(None, description="Data-order seeds of the grid.")
+
+    def members(self) -> list:
+        """The zoo's members: ``seeds``, or the grid's ``init{I}-data{D}`` names."""
+        if self.init_seeds is None and self.data_seeds is None:
+            return list(self.seeds)
+        from .zoo.config import grid_members
+
+        if self.init_seeds is None or self.data_seeds is None:
+            raise UnineuronsError("config [zoo]: init_seeds and data_seeds go together")
+        return grid_members(self.init_seeds, self.data_seeds)
+
+    def model_dump(self, **kw: Any) -> dict[str, Any]:
+        # unset grid fields stay out of the stage hash: configs without them are reused as before
+        d = super().model_dump(**kw)
+        return {k: v for k, v in d.items()
+                if not (k in ("init_seeds", "data_seeds") and v is None)}
 
 
 class CorrelateStage(_Section):
@@ -75,6 +94,9 @@ class CorrelateStage(_Section):
     n_tokens: int | None = Field(None, ge=1, description="Held-out tokens used (default: all).")
     pairs: Literal["reference", "all"] = "reference"
     threshold: float = 0.5
+    null_rotations: int = Field(32, ge=0, description="Rotations of the calibrated null per layer.")
+    fdr: float = Field(0.01, gt=0, lt=1, description="Calibrated universal if BH q < fdr.")
+    split_half: bool = Field(False, description="Universal sets of two halves of the tokens too.")
     batch_size: int = Field(16, ge=1)
     memory_budget: str = "8GB"
     dtype: Literal["float32", "tf32", "bfloat16", "float64"] = "float32"
@@ -124,23 +146,25 @@ def load_config(path: str | Path | None = None, text: str | None = None,
         p = Path(path)  # type: ignore[arg-type]
         if not p.is_file():
             raise UnineuronsError(f"config file {p} does not exist")
-        text = p.read_text()
+        text = read_text(p, "config file")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UnineuronsError(f"{where} is not valid TOML: {e}") from None
     data.update(overrides or {})
     try:
-        return PipelineConfig(**data)
+        cfg = PipelineConfig(**data)
     except ValidationError as e:
         raise _validation_error(e, where) from None
+    check_model_ranges(cfg, where)  # the ranges of the command-line options, by key
+    return cfg
 
 
 def builtin_config(name: str) -> str:
-    """Text of a config shipped with the package (``demo``, ``micro``)."""
-    f = resources.files("unineurons") / "configs" / f"{name}.toml"
+    """Text of a config shipped with the package (``demo``, ``micro``, ``seeds-grid``)."""
+    f = resources.files("unineurons") / "configs" / f"{name.replace('-', '_')}.toml"
     if not f.is_file():
-        raise UnineuronsError(f"no built-in config {name!r}; choose demo or micro")
+        raise UnineuronsError(f"no built-in config {name!r}; choose demo, micro or seeds-grid")
     return f.read_text()
 
 
@@ -218,7 +242,7 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print,
         z = cfg.zoo
         over = {k: v for k, v in (("lr", z.lr), ("batch_size", z.batch_size)) if v is not None}
         r.stage("zoo", z, [zoo_dir / "zoo.json"],
-                lambda: train_zoo(train_dir, zoo_dir, preset=z.preset, seeds=tuple(z.seeds),
+                lambda: train_zoo(train_dir, zoo_dir, preset=z.preset, seeds=tuple(z.members()),
                                   steps=z.steps, checkpoints=z.checkpoints, heldout=held_dir,
                                   workers=z.workers, **over))
         show("zoo", zoo_info(zoo_dir))
@@ -286,8 +310,11 @@ def _correlate(cfg: PipelineConfig, zoo_dir: Path, held_dir: Path, run_dir: Path
 
     c = cfg.correlate
     assert c is not None and cfg.zoo is not None
-    seeds = [c.reference_seed] + [s for s in cfg.zoo.seeds if s != c.reference_seed]
+    members = cfg.zoo.members()  # a seed grid's reference is its first member
+    ref = c.reference_seed if c.reference_seed in members else members[0]
+    seeds = [ref] + [s for s in members if s != ref]
     cc = CorrelateConfig(models=zoo_models(zoo_dir, seeds, c.step), tokens=str(held_dir),
                          n_tokens=c.n_tokens, pairs=c.pairs, threshold=c.threshold,
+                         null_rotations=c.null_rotations, fdr=c.fdr, split_half=c.split_half,
                          batch_size=c.batch_size, memory_budget=c.memory_budget, dtype=c.dtype)
     return run_correlate(cc, run_dir, resume=True)

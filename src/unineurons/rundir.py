@@ -27,7 +27,7 @@ from . import __version__
 from .errors import UnineuronsError
 from .io import MARKER, prepare_out_dir, read_json, write_json, write_parquet
 
-__all__ = ["RunDir", "NEURON_KEYS", "pair_file_name", "FORMAT_VERSION"]
+__all__ = ["RunDir", "NEURON_KEYS", "pair_file_name", "FORMAT_VERSION", "read_parquet"]
 
 #: Bumped when the layout or a table's meaning changes; older runs are refused, not misread.
 FORMAT_VERSION = 1
@@ -69,6 +69,10 @@ class RunDir:
             )
         rd = cls(p)
         rd._check_version()
+        from . import lock
+
+        if lock.hold_on_open:  # a CLI command writes what it opens: one command at a time
+            lock.acquire(p, "run directory")
         return rd
 
     def _check_version(self) -> None:
@@ -119,7 +123,7 @@ class RunDir:
         p = self.table_path(name)
         if not p.is_file():
             raise UnineuronsError(f"run {self.path} has no {name}.parquet yet")
-        return pd.read_parquet(p)
+        return read_parquet(p, f"run {self.path}: table")
 
     def write_table(self, name: str, df: pd.DataFrame) -> Path:
         p = self.table_path(name)
@@ -150,3 +154,14 @@ class RunDir:
         df = df.sort_values(NEURON_KEYS, kind="stable").reset_index(drop=True)
         self.write_table("neurons", df)
         return df
+
+
+def read_parquet(path: Path, what: str = "table") -> pd.DataFrame:
+    """``pd.read_parquet(path)``; a damaged file is a clear error naming it, not a traceback."""
+    try:
+        return pd.read_parquet(path)
+    except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError) for damage
+        raise UnineuronsError(
+            f"{what} {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "it is corrupt or truncated: delete it and re-run the stage that writes it"
+        ) from None

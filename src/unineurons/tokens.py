@@ -16,6 +16,7 @@ The same inputs give a byte-identical ``tokens.npy``.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 from collections.abc import Callable, Iterable
@@ -27,7 +28,8 @@ import numpy as np
 from . import __version__
 from .corpus import ShuffledDocuments
 from .errors import UnineuronsError
-from .io import read_json, sha256_file, write_json
+from .io import check_free_disk, read_json, sha256_file, write_json
+from .lock import sweep_stale_staging
 from .models.load import load_tokenizer, vocab_fingerprint
 from .progress import progress
 from .tokenizer import check_out_dir, staged_dir
@@ -125,6 +127,7 @@ def build_token_store(source: str, tokenizer: str | os.PathLike, ctx: int, n_tok
             f"tokenizer {tokenizer} does not exist; train one with `unineurons tokenizer train` "
             "or give a hub id such as gpt2"
         )
+    tok_local = Path(tokenizer).expanduser().is_dir()
     tok = load_tokenizer(str(tokenizer))
     eos = tok.eos_token_id
     bos = tok.bos_token_id if tok.bos_token_id is not None else eos  # GPT-2 style: BOS = EOS
@@ -139,6 +142,8 @@ def build_token_store(source: str, tokenizer: str | os.PathLike, ctx: int, n_tok
     body = ctx - 1
     need = n_contexts * body  # stream tokens wanted: each row is BOS + body
     check_out_dir(out, "tokens")
+    sweep_stale_staging(out)  # hidden folders of a build that was killed (or crashed)
+    check_free_disk(Path(out).parent, n_contexts * ctx * dtype.itemsize + (1 << 20), "token store")
     docs = ShuffledDocuments(str(source), split, heldout_fraction, seed,
                              chars_hint=need * _CHARS_PER_TOKEN)
     encode = _encoder(tok)
@@ -146,6 +151,7 @@ def build_token_store(source: str, tokenizer: str | os.PathLike, ctx: int, n_tok
     with staged_dir(out, "tokens") as tmp:
         arr = np.lib.format.open_memmap(tmp / "tokens.npy", mode="w+", dtype=dtype,
                                         shape=(n_contexts, ctx))
+        _reserve(tmp / "tokens.npy")
         arr[:, 0] = bos
         with progress(f"tokenizing {source} ({split})", total=need, unit="tokens") as bar:
             pos, n_docs = _fill(arr, docs, encode, eos, bar)
@@ -172,7 +178,9 @@ def build_token_store(source: str, tokenizer: str | os.PathLike, ctx: int, n_tok
             "kind": "tokens",
             "source": str(source),
             "tokenizer": {
-                "path": str(tokenizer),
+                # a local folder is kept absolute: the store is read from other folders too
+                "path": str(Path(tokenizer).expanduser().absolute()) if tok_local else str(tokenizer),
+                "local": tok_local,
                 "vocab_size": len(tok),
                 "vocab_sha256": vocab_fingerprint(tok),
                 "bos_id": bos,
@@ -193,6 +201,24 @@ def build_token_store(source: str, tokenizer: str | os.PathLike, ctx: int, n_tok
         }
         write_json(tmp / "manifest.json", manifest)
     return TokenStore.open(out, verify=False)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of the (sparse) memory-mapped file ``path`` now: a disk that
+    fills up is then an error here, not a bus error half-way through writing the map."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UnineuronsError(f"token store {path.parent}: no space left on the disk for "
+                                  f"{os.fstat(fd).st_size / 1e9:,.2f} GB of tokens; free some "
+                                  "space or write elsewhere") from None
+        # file systems without fallocate (EOPNOTSUPP): write as before
+    finally:
+        os.close(fd)
 
 
 def _write_stream(arr: np.ndarray, pos: int, ids: np.ndarray) -> None:
@@ -232,11 +258,11 @@ class TokenStore:
         Raises :class:`UnineuronsError` for a missing folder or file, a bad or newer
         manifest, a file whose shape or dtype disagrees with the manifest, or a hash mismatch.
         """
-        path = Path(path)
+        path = Path(path).expanduser().absolute()  # recorded by runs: valid from any folder
         rebuild = "rebuild it with `unineurons tokens build`"
         if not path.is_dir():
             raise UnineuronsError(f"token store {path} does not exist; build it with "
-                                  "`unineurons tokens build`")
+                                  "`unineurons tokens build`, or pass its new place with --tokens")
         m = read_json(path / "manifest.json", "token store manifest")
         if not isinstance(m, dict) or m.get("kind") != "tokens":
             raise UnineuronsError(f"token store {path}: manifest.json is not a token store "
@@ -296,6 +322,30 @@ class TokenStore:
     @property
     def _tok(self) -> dict:
         return self.manifest["tokenizer"]
+
+    @property
+    def tokenizer_path(self) -> str:
+        """The store's tokenizer, to load: its folder (absolute; a relative path of an older
+        store is looked up from here and from the store's parents) or its hub id.
+
+        Raises :class:`UnineuronsError` when it was a local folder that no longer exists: it
+        is never taken for a hub id then."""
+        from .checks import resolve_path
+
+        recorded = str(self._tok["path"])
+        found = resolve_path(recorded, self.path)
+        if found is not None and found.is_dir():
+            return str(found)
+        p = Path(recorded)
+        was_local = self._tok.get("local", p.is_absolute() or recorded.startswith((".", "~"))
+                                  or recorded.count("/") > 1)
+        if was_local:
+            raise UnineuronsError(
+                f"token store {self.path}: its tokenizer folder {recorded} no longer exists (moved "
+                "or deleted); put it back, or rebuild the store with `unineurons tokens build "
+                "--tokenizer DIR`"
+            )
+        return recorded  # a hub id such as gpt2
 
     @property
     def vocab_sha256(self) -> str:

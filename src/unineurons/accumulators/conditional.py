@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .base import register
+from .moments import constant_columns
 
 __all__ = ["ConditionalMoments", "PositionStats", "binary_entropy_bits"]
 
@@ -146,16 +147,20 @@ class ConditionalMoments:
         """
         n, n1 = self.n, self.n1.unsqueeze(1)  # [], [F, 1]
         n0 = n - n1
-        ok = (n1 > 0) & (n0 > 0) & (self.m2 > 0)  # [F, d]
+        # a constant neuron (variance within float64 rounding of its scale) has no variance to
+        # explain: dividing its rounding noise would give an arbitrary VR
+        safe_n = n if float(n) > 0 else torch.ones_like(n)
+        varying = ~constant_columns(self.m2 / safe_n, self.mean)  # [d]
+        ok = (n1 > 0) & (n0 > 0) & varying  # [F, d]
         diff = self.mean1 - self.mean
         vr = n1 * n * diff * diff / (torch.where(n0 > 0, n0, 1.0) * torch.where(
             self.m2 > 0, self.m2, torch.ones_like(self.m2)))
         vr = torch.where(ok, vr, torch.zeros_like(vr)).clamp(0.0, 1.0)
-        safe_n = n if float(n) > 0 else torch.ones_like(n)
         var1 = torch.where(n1 > 0, self.m2_1 / n1.clamp(min=1),
                            torch.full_like(self.m2_1, float("nan")))
         return {"vr": vr, "beta": self.n1 / safe_n, "mean1": self.mean1.clone(), "var1": var1,
-                "mean": self.mean.clone(), "var": self.m2 / safe_n, "n": n.clone(),
+                "mean": self.mean.clone(),
+                "var": torch.where(varying, self.m2 / safe_n, torch.zeros_like(self.m2)), "n": n.clone(),
                 "n1": self.n1.clone()}
 
 

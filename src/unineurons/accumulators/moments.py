@@ -11,7 +11,21 @@ import torch
 
 from .base import register
 
-__all__ = ["Moments"]
+__all__ = ["Moments", "CONST_RTOL", "constant_columns"]
+
+#: A column whose spread is at most this share of its magnitude is constant: the float64
+#: rounding of its mean alone leaves a variance of about (1e-16 x value)^2, which is noise,
+#: not a variance to divide by. Every dtype a neuron can have (bfloat16 .. float64) resolves
+#: values far more finely apart than this (float64: 2.2e-16), so real spread is never lost.
+CONST_RTOL = 1e-12
+
+
+def constant_columns(var: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Bool mask of columns whose variance ``var`` is rounding noise for values of magnitude
+    ``scale`` (same shape; e.g. max |x| or |mean|): ``sqrt(var) <= CONST_RTOL * scale``, and
+    ``var <= 0``. Statistics that divide by a variance are NaN (or undefined) there."""
+    scale = scale.abs().to(var.dtype)
+    return (var <= 0) | (var <= (CONST_RTOL * scale) ** 2)
 
 
 def _example(seed: int):
@@ -101,12 +115,16 @@ class Moments:
         """``mean``, ``var`` (population), ``skew`` (biased, as scipy's default), ``kurt``
         (non-excess: Gaussian = 3), ``freq`` (share > 0), ``min``, ``max``, ``n``.
 
-        Columns with zero variance get NaN skew and kurtosis.
+        Constant columns (:func:`constant_columns`: ``min == max``, or a spread within float64
+        rounding of the values' scale) get variance 0 and NaN skew and kurtosis, as scipy.
         """
         n = self.n
         var = self.m2 / n if float(n) > 0 else torch.full_like(self.m2, float("nan"))
+        scale = torch.maximum(self.min.abs(), self.max.abs())
+        const = constant_columns(var, scale) | (self.min == self.max)
+        var = torch.where(const & (float(n) > 0), torch.zeros_like(var), var)
         with torch.no_grad():
-            m2 = torch.where(self.m2 > 0, self.m2, torch.full_like(self.m2, float("nan")))
+            m2 = torch.where(const, torch.full_like(self.m2, float("nan")), self.m2)
             skew = torch.sqrt(n) * self.m3 / m2.pow(1.5)
             kurt = n * self.m4 / (m2 * m2)
         return {"n": n.clone(), "mean": self.mean.clone(), "var": var, "skew": skew, "kurt": kurt,

@@ -35,6 +35,7 @@ import torch
 from pydantic import ConfigDict, Field, field_validator
 
 from ..accumulators.moments import Moments
+from ..checks import check_store_models
 from ..config import Backend, Device
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
@@ -56,6 +57,9 @@ __all__ = ["AblateConfig", "NeuronSet", "build_sets", "neuron_means", "ablate_mo
            "run_ablations", "summarize", "headline", "parse_method", "SET_NAMES"]
 
 SET_NAMES = ("universal", "non-universal", "random")
+#: The calibrated universal set (q < FDR, ranked by p-value; correlate's ``--null-rotations``),
+#: ablated at its own sizes ('all' = the whole calibrated set) beside the paper's.
+CALIBRATED_SET = "universal-calibrated"
 _DEFAULT_SIZES: list[int | str] = [2 ** k for k in range(15)] + ["all"]
 _METRIC_COLS = ["loss", "delta_loss", "kl", "entropy", "delta_entropy", "top1_acc"]
 
@@ -80,10 +84,10 @@ class AblateConfig(Backend):
     ``backend="ray"`` the patched forward passes run as token shards on Ray workers
     (analyses.ablate_shards); the means of ``method="mean"`` are streamed here."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     models: list[str] | None = Field(None, description="Model specs of the run; all when unset.")
-    sets: list[Literal["universal", "non-universal", "random"]] = Field(
+    sets: list[Literal["universal", "non-universal", "random", "universal-calibrated"]] = Field(
         list(SET_NAMES), description="Neuron sets to ablate.")
     method: str = Field("zero", description="zero, mean (each neuron's mean activation on the "
                         "same tokens) or value:X (activation fixed at X).")
@@ -161,6 +165,7 @@ def build_sets(table: pd.DataFrame, n_layers: int, d_mlp: int, sets: Sequence[st
     """
     t = table[np.isfinite(table["excess_corr"].to_numpy(dtype=float))].copy()
     t["is_universal"] = t["is_universal"].fillna(False).astype(bool)
+    cal = _calibrated_ranking(t, rank_all) if CALIBRATED_SET in sets else []
     ranked = t if rank_all else t[t["is_universal"]]
     ranked = ranked.sort_values(["excess_corr", "layer", "neuron"], ascending=[False, True, True])
     uni = [(int(a), int(b)) for a, b in zip(ranked["layer"], ranked["neuron"], strict=True)]
@@ -176,6 +181,10 @@ def build_sets(table: pd.DataFrame, n_layers: int, d_mlp: int, sets: Sequence[st
         label = str(size)
         if name == "universal":
             out.append(NeuronSet(name, layer, label, 0, n, tuple(sorted(top))))
+        elif name == CALIBRATED_SET:  # its own ranking and sizes
+            pool = [x for x in cal if layer < 0 or x[0] == layer]
+            k = len(pool) if size == "all" else int(size)
+            out.append(NeuronSet(name, layer, label, 0, k, tuple(sorted(pool[:k]))))
         elif name == "non-universal":
             pick = [x for lay in range(n_layers) for x in nonuni.get(lay, [])[: counts[lay]]]
             out.append(NeuronSet(name, layer, label, 0, n, tuple(sorted(pick))))
@@ -204,6 +213,18 @@ def build_sets(table: pd.DataFrame, n_layers: int, d_mlp: int, sets: Sequence[st
                 for name in sets:
                     emit(name, layer, size, n, counts, uni_l[:n])
     return out
+
+
+def _calibrated_ranking(t: pd.DataFrame, rank_all: bool) -> list[tuple[int, int]]:
+    """(layer, neuron) of the calibrated universal set (every neuron with a p-value under
+    ``rank_all``), by p-value, then excess correlation, descending."""
+    if "is_universal_calibrated" not in t or "p_value" not in t:
+        raise UnineuronsError(f"the {CALIBRATED_SET} set needs p-values in neurons.parquet; run "
+                              "`unineurons correlate` with --null-rotations (default 32) first")
+    c = t[np.isfinite(t["p_value"].to_numpy(dtype=float))]
+    c = c if rank_all else c[c["is_universal_calibrated"].fillna(False).astype(bool)]
+    c = c.sort_values(["p_value", "excess_corr", "layer", "neuron"], ascending=[True, False, True, True])
+    return [(int(a), int(b)) for a, b in zip(c["layer"], c["neuron"], strict=True)]
 
 
 @torch.inference_mode()
@@ -292,7 +313,8 @@ def _model_table(run: Any, spec: str) -> pd.DataFrame:
         raise UnineuronsError(f"run {run.path}: neurons.parquet has no rows for model {spec}; "
                               "ablations need the model's excess correlations (use --model with "
                               "a model the correlate stage ranked, e.g. the reference)")
-    return t[["layer", "neuron", "excess_corr", "is_universal"]]
+    return t[["layer", "neuron", "excess_corr", "is_universal",
+              *[c for c in ("p_value", "q_value", "is_universal_calibrated") if c in t]]]
 
 
 def run_ablations(run: Any, cfg: AblateConfig) -> pd.DataFrame:
@@ -311,6 +333,7 @@ def run_ablations(run: Any, cfg: AblateConfig) -> pd.DataFrame:
     frames = []
     for e in entries:
         m = load_run_model(e, cfg.driver_device)
+        check_store_models([m], special, contexts.shape[1], tok_info["path"])
         frames.append(ablate_model(m, tables[e["spec"]], contexts, special, cfg, run=run,
                                    tokens_info=tok_info))
         del m

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 from pydantic import ConfigDict, Field, field_validator
 
+from ..checks import check_store_models
 from ..config import Backend, Device
 from ..errors import UnineuronsError
 from ..features import Vocabulary, get_features, load_feature_module, token_class_from_file
@@ -56,7 +57,7 @@ STAT_COLUMNS = ["act_mean", "act_var", "act_skew", "act_kurt", "act_max", "act_f
 class AnalyzeConfig(Backend):
     """Per-neuron analyses of a run: statistics, top contexts, families, properties."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     tokens: str | None = Field(None, description="Token store folder; default: the run's own.")
     n_tokens: int | None = Field(None, ge=1, description="Use the first ceil(N / ctx) contexts; "
@@ -318,6 +319,7 @@ def analyze_run(run_path: str | Path, cfg: AnalyzeConfig, models: Sequence[str] 
     entries = run_model_entries(run, models)
     contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
     loaded = [load_run_model(e, cfg.driver_device) for e in entries]
+    check_store_models(loaded, special, contexts.shape[1], info["path"])
     return analyze(run, loaded, contexts, special, info, cfg, resume=resume)
 
 
@@ -331,6 +333,7 @@ def analyze_models(specs: Sequence[str], out: str | Path, cfg: AnalyzeConfig, *,
     run = RunDir.create(out)
     contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
     loaded = [load_model(s, device=cfg.driver_device) for s in specs]
+    check_store_models(loaded, special, contexts.shape[1], info["path"])
     entries = [e for e in run.manifest().get("models") or [] if e["spec"] not in specs]
     entries += [{"spec": m.name, "location": m.spec.location, "revision": m.spec.revision,
                  "weights_sha256": m.weights_sha256, **m.info} for m in loaded]

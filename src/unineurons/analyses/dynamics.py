@@ -54,7 +54,7 @@ __all__ = ["DynamicsConfig", "DynamicsResult", "run_dynamics", "expand_template"
            "zoo_step_models", "plan_models", "correlate_config", "with_defaults"]
 
 #: DynamicsConfig fields handed to every step's CorrelateConfig unchanged.
-_CORRELATE_FIELDS = ("n_tokens", "pairs", "threshold", "ceiling", "batch_size",
+_CORRELATE_FIELDS = ("n_tokens", "pairs", "threshold", "null_rotations", "fdr", "ceiling", "batch_size",
                      "accumulate_tokens", "device", "dtype", "memory_budget", "seed",
                      "drop_newline", *sorted(BACKEND_FIELDS))
 
@@ -64,7 +64,7 @@ class DynamicsConfig(Backend):
     ``backend="ray"`` every step's correlate stage and ablations run as token shards on Ray
     workers."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     zoo: str | None = Field(None, description="Seed zoo folder (`unineurons zoo train`); its "
                             "checkpoints are the steps. Give either zoo or model_template.")
@@ -85,7 +85,11 @@ class DynamicsConfig(Backend):
     universal: str = Field("threshold", description=(
         "Which neurons form U_t: 'threshold' = excess correlation > threshold (Gurnee et al.); "
         "'top:S' = the share S of each model's neurons with the highest excess correlation "
-        "(small zoos have few neurons above 0.5)."))
+        "(small zoos have few neurons above 0.5); 'calibrated' = BH q < fdr against each "
+        "neuron's rotation null (is_universal_calibrated)."))
+    null_rotations: int = Field(32, ge=0, description="Rotations of the calibrated null per layer "
+                                "(each step's is_universal_calibrated); 0: none.")
+    fdr: float = Field(0.01, gt=0, lt=1, description="Calibrated universal if BH q < fdr.")
     threshold: float = Field(0.5, description="Universal if excess correlation > threshold "
                              "(also the correlate stage's is_universal in each step's run).")
     pairs: Literal["reference", "all"] = Field("reference", description=(
@@ -270,7 +274,7 @@ def _step_ablate(cfg: DynamicsConfig, n_neurons: int) -> AblateConfig | None:
     if cfg.backend == "ray" and a.backend == "local":  # the steps' ablations go to Ray too
         a = AblateConfig(**{**a.model_dump(), **{k: getattr(cfg, k) for k in BACKEND_FIELDS}})
     kind, share = parse_universal(cfg.universal)
-    if kind == "threshold":
+    if kind in ("threshold", "calibrated"):
         return a
     assert share is not None
     k = math.ceil(round(share * n_neurons, 9))
@@ -336,7 +340,8 @@ def run_dynamics(cfg: DynamicsConfig, out: str | Path,
     for _, idx in allt.groupby(["step", "member"], sort=False).indices.items():
         g = allt.iloc[idx]
         mask[idx] = universal_mask(g["excess_corr"].to_numpy(), g["layer"].to_numpy(),
-                                   g["neuron"].to_numpy(), cfg.universal, cfg.threshold)
+                                   g["neuron"].to_numpy(), cfg.universal, cfg.threshold,
+                                   g.get("is_universal_calibrated"))
     allt["is_universal"] = mask
     marked = allt[["step", "member", "layer", "neuron", "is_universal"]]
     emergence = emergence_table(pd.concat(layers, ignore_index=True), marked)
@@ -354,12 +359,16 @@ def run_dynamics(cfg: DynamicsConfig, out: str | Path,
         run.write_table("dynamics_ablations", abl)
     elif run.has_table("dynamics_ablations"):
         run.table_path("dynamics_ablations").unlink()  # from an earlier run with ablations
+    from ..correlate.partner_kinds import write_dynamics_partner_kinds  # init vs data order
+
+    write_dynamics_partner_kinds(run, {t: run.path / "steps" / f"step{t}" for t in steps})
     kind, share = parse_universal(cfg.universal)
     elapsed = time.time() - t0
     run.update_manifest(versions=package_versions(), dynamics={
         "config": cfg.model_dump(mode="json"), "members": members, "reference": members[0],
         "steps": steps, "final_step": steps[-1],
         "universal": ({"rule": "threshold", "threshold": cfg.threshold} if kind == "threshold"
+                      else {"rule": "calibrated", "fdr": cfg.fdr} if kind == "calibrated"
                       else {"rule": "top", "share": share}),
         "runs": runs, "elapsed_s": round(elapsed, 3),
     })

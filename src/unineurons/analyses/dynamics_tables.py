@@ -27,9 +27,10 @@ ALL_LAYERS = -1
 
 
 def parse_universal(rule: str) -> tuple[str, float | None]:
-    """``threshold`` -> ("threshold", None); ``top:S`` (0 < S <= 1) -> ("top", S)."""
-    if rule == "threshold":
-        return "threshold", None
+    """``threshold`` -> ("threshold", None); ``top:S`` (0 < S <= 1) -> ("top", S);
+    ``calibrated`` -> ("calibrated", None)."""
+    if rule in ("threshold", "calibrated"):
+        return rule, None
     if rule.startswith("top:"):
         try:
             share = float(rule[len("top:"):])
@@ -40,20 +41,27 @@ def parse_universal(rule: str) -> tuple[str, float | None]:
     raise UnineuronsError(
         f"universal rule {rule!r} is not understood; use threshold (excess correlation > "
         "--threshold, Gurnee et al.) or top:S with 0 < S <= 1 (e.g. top:0.05: the 5% of each "
-        "model's neurons with the highest excess correlation)"
+        "model's neurons with the highest excess correlation) or calibrated (BH q < FDR against "
+        "the neuron's rotation null: correlate's is_universal_calibrated)"
     )
 
 
 def universal_mask(excess: np.ndarray, layer: np.ndarray, neuron: np.ndarray, rule: str,
-                   threshold: float) -> np.ndarray:
+                   threshold: float, calibrated: np.ndarray | None = None) -> np.ndarray:
     """Which neurons of ONE model at ONE step are in U_t, as a bool array like ``excess``.
 
     ``threshold``: ``excess > threshold`` (strict, as the correlate stage marks them).
     ``top:S``: the ``ceil(S * n)`` neurons (n = all of the model's neurons) with the highest
     excess, ties broken by lower layer then lower index (the order the ablate stage ranks
     in); neurons with NaN excess (zero variance) are never universal, so fewer may be chosen.
+    ``calibrated``: the correlate stage's ``is_universal_calibrated``, given as ``calibrated``.
     """
     kind, share = parse_universal(rule)
+    if kind == "calibrated":
+        if calibrated is None:
+            raise UnineuronsError("--universal calibrated needs is_universal_calibrated in each "
+                                  "step's neurons.parquet; correlate with --null-rotations > 0")
+        return pd.Series(calibrated).fillna(False).to_numpy(dtype=bool)
     excess = np.asarray(excess, dtype=np.float64)  # [n]
     finite = np.isfinite(excess)
     if kind == "threshold":

@@ -18,6 +18,7 @@ wires it to a run directory (``unineurons intervene``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..accumulators.base import register
 from ..accumulators.contexts import ContextSums
+from ..checks import check_store_models, run_model_source
 from ..config import Device
 from ..errors import UnineuronsError
 from ..models.adapters import neuron_name, parse_neuron
@@ -355,7 +357,10 @@ def run_model_entries(run: Any, requested: Sequence[str] | None) -> list[dict]:
 
 def load_run_model(entry: dict, device: str = "cpu") -> LoadedModel:
     """Load a run's model in float32 (as the run hashed it), refusing changed weights."""
-    m = load_model(entry["spec"], device=device, dtype=torch.float32, with_tokenizer=False)
+    m = load_model(run_model_source(entry), device=device, dtype=torch.float32,
+                   with_tokenizer=False)
+    if m.name != entry["spec"]:  # loaded from the recorded folder: keep the run's name for it
+        m.spec = dataclasses.replace(m.spec, spec=entry["spec"])
     want = entry.get("weights_sha256")
     if want and m.weights_sha256 != want:
         raise UnineuronsError(
@@ -442,7 +447,7 @@ def intervene_neurons(m: LoadedModel, contexts: np.ndarray, special: dict,
 class InterveneConfig(BaseModel):
     """Single-neuron interventions (Gurnee et al. section 5) on neurons of a run's model."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     model: str | None = Field(
         None, description="Model spec of the run; the run's first (reference) model when unset.")
@@ -490,6 +495,7 @@ def run_interventions(run: Any, cfg: InterveneConfig) -> pd.DataFrame:
     entry = run_model_entries(run, None if cfg.model is None else [cfg.model])[0]
     contexts, special, tok_info = run_contexts(run, cfg.tokens, cfg.n_tokens)
     m = load_run_model(entry, cfg.device)
+    check_store_models([m], special, contexts.shape[1], tok_info["path"])
     targets = list(dict.fromkeys(parse_neuron(a) for a in cfg.neurons))  # dedupe, keep order
     rand = random_late_neurons(m.adapter.n_layers, m.adapter.d_mlp, cfg.random_baseline,
                                cfg.seed, exclude=targets)

@@ -57,7 +57,7 @@ ROLES = ["entropy", "attention", "prediction", "suppression", "partition", "none
 class RoleConfig(BaseModel):
     """Thresholds and options of the functional-role analyses (defaults from Gurnee et al.)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     prediction_kurt: float = Field(
         10.0, description="vocab_kurt (non-excess) above which a neuron is a prediction "

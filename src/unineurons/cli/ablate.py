@@ -54,7 +54,7 @@ def ablate(
     model: list[str] | None = typer.Option(None, "--model", help="Model of the run (repeat "
                                            "for several); every model of the run when unset."),
     sets: str = typer.Option("universal,non-universal,random", "--sets", help="Comma-separated "
-                             "sets: universal, non-universal, random."),
+                             "sets: universal, non-universal, random, universal-calibrated."),
     method: str = typer.Option("zero", "--method", help="zero, mean or value:X."),
     sizes: str = typer.Option(SIZES_DEFAULT, "--sizes", help="Comma-separated set sizes; 'all' "
                               "= the whole universal set."),

@@ -10,21 +10,29 @@ from rich.table import Table
 from ..config import build
 from .options import BACKEND, CHECKPOINT_TOKENS, CPUS_PER_WORKER, RAY_ADDRESS, WORKERS
 
-__all__ = ["register", "print_summary"]
+__all__ = ["register", "print_summary", "print_split_half", "CRITERIA_NOTE"]
 
-
+#: Why the two universal counts differ, in one sentence (CLI, demo and report).
+CRITERIA_NOTE = (
+    "paper: excess correlation > the fixed threshold set on GPT-2 small after 100M tokens; "
+    "calibrated: the neuron's max correlation is beyond its own null of many seeded rotations "
+    "(BH q < FDR), so it adapts to the model's size and the token count, where no neuron may "
+    "reach the fixed threshold or many pass it by chance")
 
 
 def print_summary(layers, console) -> None:
-    """Universal count and share per model and layer, with the readability columns."""
+    """Universal count and share per model and layer under both criteria (paper: excess >
+    threshold; calibrated: q < FDR), with the readability columns."""
+    cal = "universal_calibrated" in layers
     for model, sub in layers.groupby("model", sort=False):
         t = Table(title=f"universal neurons of {model}", title_justify="left")
-        for col in ("layer", "neurons", "universal", "share", "max ρ", "baseline", "excess",
-                    "ceiling", "ρ>0.7 / base", "PR", "zero-var"):
+        for col in ("layer", "neurons", "universal", "share", *(("calibrated",) if cal else ()),
+                    "max ρ", "baseline", "excess", "ceiling", "ρ>0.7 / base", "PR", "zero-var"):
             t.add_column(col, justify="right")
         for _, r in sub.iterrows():
             t.add_row(
                 f"L{r.layer}", str(r.neurons), str(r.universal), f"{r.universal_share:.1%}",
+                *((f"{r.universal_calibrated} ({r.universal_calibrated_share:.1%})",) if cal else ()),
                 f"{r.mean_max_corr:.3f}", f"{r.mean_baseline_corr:.3f}",
                 f"{r.mean_excess_corr:.3f}",
                 f"{r.mean_ceiling_corr:.3f}" if "mean_ceiling_corr" in r else "-",
@@ -32,7 +40,32 @@ def print_summary(layers, console) -> None:
                 f"{r.participation_ratio:.1f}", str(r.zero_var),
             )
         tot, uni = int(sub.neurons.sum()), int(sub.universal.sum())
-        t.caption = f"total: {uni} of {tot} universal ({uni / max(tot, 1):.2%})"
+        t.caption = f"total: {uni} of {tot} universal ({uni / max(tot, 1):.2%}) by the paper's threshold"
+        if cal:
+            c = int(sub.universal_calibrated.sum())
+            t.caption += f"; {c} ({c / max(tot, 1):.2%}) calibrated"
+        console.print(t)
+    if cal:
+        console.print(f"[dim]{CRITERIA_NOTE}[/]")
+
+
+def print_split_half(split, console) -> None:
+    """Per model and layer: both halves' universal counts, Jaccard, excess correlation r."""
+    cal = "jaccard_calibrated" in split
+    for model, sub in split.groupby("model", sort=False):
+        r0 = sub.iloc[0]
+        t = Table(title=f"split half of {model}: {r0.kept_tokens_h0:,} / {r0.kept_tokens_h1:,} "
+                  "kept tokens", title_justify="left")
+        for col in ("layer", "universal h0 / h1", "Jaccard",
+                    *(("calibrated h0 / h1", "Jaccard cal.") if cal else ()), "excess r", "max ρ r"):
+            t.add_column(col, justify="right")
+        for _, r in sub.iterrows():
+            t.add_row(f"L{r.layer}", f"{r.universal_h0} / {r.universal_h1}", f"{r.jaccard:.2f}",
+                      *((f"{r.universal_calibrated_h0} / {r.universal_calibrated_h1}",
+                         f"{r.jaccard_calibrated:.2f}") if cal else ()),
+                      f"{r.excess_corr_r:.3f}", f"{r.max_corr_r:.3f}")
+        t.caption = ("Jaccard near 1 and r near 1: the token count pins the universal set down "
+                     "(nan: both sets empty)")
         console.print(t)
 
 
@@ -53,6 +86,13 @@ def register(app: typer.Typer) -> None:
         )),
         baseline: str = typer.Option("rotation", help="rotation (random orthogonal per layer) or none."),
         threshold: float = typer.Option(0.5, help="Universal if excess correlation > threshold (Gurnee et al.: 0.5)."),
+        null_rotations: int = typer.Option(32, help=(
+            "Seeded rotations per layer for each neuron's calibrated null (p_value, q_value, "
+            "is_universal_calibrated); 0: paper criterion only.")),
+        fdr: float = typer.Option(0.01, help="Calibrated universal if the BH q-value < fdr."),
+        split_half: bool = typer.Option(False, help=(
+            "Also find the universal sets on two disjoint halves of the contexts: Jaccard and "
+            "excess correlation r between them per layer (split_half.parquet).")),
         ceiling: bool = typer.Option(True, help=(
             "Correlate each model with its own rotated activations (ceiling_corr, excess_norm)."
         )),
@@ -99,7 +139,8 @@ def register(app: typer.Typer) -> None:
         hold_safetensors_only(ctx, safetensors_only)
         cfg = build(
             CorrelateConfig, models=model, tokens=str(tokens), n_tokens=n_tokens, pairs=pairs,
-            baseline=baseline, threshold=threshold, ceiling=ceiling, top_k=top_k,
+            baseline=baseline, threshold=threshold, null_rotations=null_rotations, fdr=fdr,
+            split_half=split_half, ceiling=ceiling, top_k=top_k,
             batch_size=batch_size, accumulate_tokens=accumulate_tokens, device=device, dtype=dtype,
             memory_budget=memory_budget,
             seed=seed, save_full_matrix=save_full_matrix, checkpoint_tokens=checkpoint_tokens,
@@ -114,11 +155,14 @@ def register(app: typer.Typer) -> None:
             console.print(f"plan: {len(p.passes)} pass(es), {sum(len(x) for x in p.passes)} blocks, "
                           f"peak {fmt_bytes(p.peak_bytes)} of {fmt_bytes(p.budget)}")
         print_summary(res.layers, console)
+        if split_half:
+            print_split_half(res.run.read_table("split_half"), console)
         n_zero = int(res.neurons["zero_var"].sum()) if "zero_var" in res.neurons else 0
         if n_zero:
             console.print(f"[yellow]{n_zero} neurons have zero variance on these tokens: their "
                           "correlations are NaN[/]")
-        console.print(f"results: {out}/neurons.parquet, matches.parquet, layers.parquet, pairs/")
+        console.print(f"results: {out}/neurons.parquet, matches.parquet, layers.parquet, pairs/"
+                      + (", split_half.parquet" if split_half else ""))
 
     @app.command("plan")
     def plan(
@@ -133,6 +177,8 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(8, help="Contexts per forward pass."),
         accumulate_tokens: int = typer.Option(None, help="Kept tokens buffered per fold (default: automatic)."),
         ceiling: bool = typer.Option(True, help="Plan the rotated-self ceiling too."),
+        null_rotations: int = typer.Option(32, help="Rotations of the calibrated null per layer."),
+        split_half: bool = typer.Option(False, help="Plan the second half's accumulators too."),
         flops_per_s: float = typer.Option(None, help=(
             "Matmul rate for the time estimate (default: measure fp32 GEMM here).")),
         workers: int = typer.Option(1, help="Machines (Ray workers) sharing the tokens."),
@@ -145,7 +191,8 @@ def register(app: typer.Typer) -> None:
 
         cfg = build(CorrelateConfig, models=model, tokens="-", pairs=pairs, dtype=dtype,
                            device=device, batch_size=batch_size, accumulate_tokens=accumulate_tokens,
-                           memory_budget=memory_budget, ceiling=ceiling)
+                           memory_budget=memory_budget, ceiling=ceiling,
+                           null_rotations=null_rotations, split_half=split_half)
         est = estimate(cfg, n_tokens, ctx, rate=flops_per_s, workers=workers)
         p = est.plan
         t = Table(title=f"plan: {len(model)} models, {n_tokens:,} tokens, budget {fmt_bytes(p.budget)}",
@@ -165,6 +212,8 @@ def register(app: typer.Typer) -> None:
         f = est.flops
         t.add_row("FLOPs per token", f"{f['total'] / 1e9:,.2f} G (forward {f['forward'] / 1e9:,.2f}, "
                   f"co-moments {f['comoments'] / 1e9:,.2f}, layer cov {f['layer_cov'] / 1e9:,.2f})")
+        if est.null_flops:
+            t.add_row("calibrated null (once)", f"{est.null_flops:.3e} FLOPs, {null_rotations} rotations")
         t.add_row("total FLOPs", f"{est.total_flops:.3e}")
         t.add_row("matmul rate", f"{est.rate / 1e12:,.3f} TFLOP/s" + (" (measured here)" if not flops_per_s else ""))
         hours = est.seconds / 3600

@@ -116,8 +116,12 @@ def dynamics(
     n_tokens: int | None = typer.Option(None, "--n-tokens", help="Tokens per step (default: "
                                         "the whole store)."),
     universal: str = typer.Option("threshold", "--universal", help="threshold (excess > "
-                                  "--threshold) or top:S (the share S of neurons with the "
-                                  "highest excess, e.g. top:0.05, for small zoos)."),
+                                  "--threshold), top:S (the share S of neurons with the "
+                                  "highest excess, e.g. top:0.05, for small zoos) or calibrated "
+                                  "(BH q < --fdr against each neuron's rotation null)."),
+    null_rotations: int = typer.Option(32, "--null-rotations", help="Rotations of the calibrated "
+                                       "null per layer; 0: paper criterion only."),
+    fdr: float = typer.Option(0.01, "--fdr", help="Calibrated universal if BH q < fdr."),
     threshold: float = typer.Option(0.5, "--threshold", help="Universal if excess correlation "
                                     "> threshold (Gurnee et al.: 0.5)."),
     pairs: str = typer.Option("reference", "--pairs", help="reference: follow the reference "
@@ -175,12 +179,11 @@ def dynamics(
 
         raise UnineuronsError("--families-file adds seed families for --family; give --family "
                               "NAME too")
-    acfg = None
-    if ablate:
-        acfg = build(AblateConfig, sets=_items("universal,non-universal,random", "--sets"),
-                       method=ablate_method, sizes=_sizes(ablate_sizes),
-                       random_draws=ablate_draws, rank_all=rank_all, n_tokens=ablate_n_tokens,
-                       batch_size=batch_size, device=device)
+    # validated without --ablate too: a bad value is refused, never ignored
+    acfg = build(AblateConfig, sets=_items("universal,non-universal,random", "--sets"),
+                   method=ablate_method, sizes=_sizes(ablate_sizes),
+                   random_draws=ablate_draws, rank_all=rank_all, n_tokens=ablate_n_tokens,
+                   batch_size=batch_size, device=device)
     cfg = build(
         DynamicsConfig, zoo=None if zoo is None else str(zoo),
         seeds=None if seeds is None else list(parse_int_list(seeds, "--seeds")),
@@ -188,8 +191,10 @@ def dynamics(
         names=None if names is None else _names(names, "--names"),
         steps=None if steps is None else list(parse_int_list(steps, "--steps")),
         tokens=str(tokens), n_tokens=n_tokens, universal=universal, threshold=threshold,
+        null_rotations=null_rotations, fdr=fdr,
         pairs=pairs, batch_size=batch_size, device=device, dtype=dtype,
-        memory_budget=memory_budget, drop_newline=not keep_newline, ablate=acfg, backend=backend,
+        memory_budget=memory_budget, drop_newline=not keep_newline, ablate=acfg if ablate else None,
+        backend=backend,
         ray_address=ray_address, workers=workers, cpus_per_worker=cpus_per_worker)
     res = run_dynamics(cfg, out, say=lambda m: console.print(m, highlight=False))
     show_dynamics(res)

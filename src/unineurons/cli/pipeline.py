@@ -27,6 +27,10 @@ def _show(what: str, obj: Any) -> None:
         console.print(t)
     elif what == "correlate":
         print_summary(obj.layers, console)
+        if obj.run.has_table("split_half"):
+            from .correlate import print_split_half
+
+            print_split_half(obj.run.read_table("split_half"), console)
     elif what == "analyze":
         from .analyze import show_analysis
 
@@ -58,11 +62,23 @@ def _run(cfg, started: float) -> None:
 
 def register(app: typer.Typer) -> None:
     @app.command("run")
-    def run(config: Path = typer.Argument(..., help="Pipeline config (TOML); see configs/demo.toml.")) -> None:
+    def run(config: Path = typer.Argument(None, help="Pipeline config (TOML); see configs/demo.toml."),
+            builtin: str = typer.Option(None, "--builtin", help="Run a built-in config instead: "
+                                        "demo, micro or seeds-grid (init vs data-order grid, "
+                                        "longer than the demo)."),
+            out: Path = typer.Option(None, help="Output folder (a built-in's default otherwise).")
+            ) -> None:
         """Run the pipeline a TOML config describes; finished stages are reused."""
-        from ..pipeline import load_config
+        from ..errors import UnineuronsError
+        from ..pipeline import builtin_config, load_config
 
-        _run(load_config(config), time.time())
+        if (config is None) == (builtin is None):
+            raise UnineuronsError("give a CONFIG file or --builtin NAME (one of them)")
+        over = {"out": str(out)} if out else {}
+        if builtin is not None:
+            _run(load_config(text=builtin_config(builtin), overrides=over), time.time())
+        else:
+            _run(load_config(config, overrides=over), time.time())
 
     @app.command("demo")
     def demo(

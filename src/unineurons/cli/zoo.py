@@ -26,6 +26,14 @@ def zoo_train(
                                "micro (tests), tiny (demo), small (research)."),
     seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated distinct seeds; each "
                               "sets both the initial weights and the data order of one model."),
+    init_seeds: str | None = typer.Option(None, "--init-seeds", help="With --data-seeds: train "
+                                          "the seed grid instead of --seeds, one model "
+                                          "init{I}-data{D} per pair (initial weights from seed I, "
+                                          "data order from seed D), e.g. 0,1,2."),
+    data_seeds: str | None = typer.Option(None, "--data-seeds", help="Data-order seeds of the "
+                                          "grid (see --init-seeds), e.g. 0,1,2."),
+    grid_pairs: str | None = typer.Option(None, "--grid-pairs", help="Only these INIT:DATA "
+                                          "pairs of the grid, e.g. 0:0,0:1,1:0 (default: all)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps per seed "
                                      "(default: the preset's)."),
     checkpoints: str | None = typer.Option(None, "--checkpoints", help="Comma-separated steps "
@@ -44,10 +52,21 @@ def zoo_train(
                                           "steps and at each checkpoint (default: the preset's)."),
 ) -> None:
     """Train one GPT-2 per seed; rerunning the same command resumes from the last checkpoints."""
+    from ..errors import UnineuronsError
     from ..zoo import parse_int_list, train_zoo, zoo_info
+    from ..zoo.config import grid_members, parse_pairs
     from . import console
 
-    seed_list = parse_int_list(seeds, "--seeds")
+    if (init_seeds is None) != (data_seeds is None):
+        raise UnineuronsError("--init-seeds and --data-seeds go together; give both (or --seeds)")
+    if init_seeds is not None and data_seeds is not None:
+        seed_list = grid_members(parse_int_list(init_seeds, "--init-seeds"),
+                                 parse_int_list(data_seeds, "--data-seeds"),
+                                 None if grid_pairs is None else parse_pairs(grid_pairs))
+    elif grid_pairs is not None:
+        raise UnineuronsError("--grid-pairs needs --init-seeds and --data-seeds")
+    else:
+        seed_list = parse_int_list(seeds, "--seeds")
     ckpt_list = None if checkpoints is None else parse_int_list(checkpoints, "--checkpoints")
     path = train_zoo(tokens, out, preset=preset, seeds=seed_list, steps=steps,
                      checkpoints=ckpt_list, heldout=heldout, workers=workers, lr=lr,
@@ -64,6 +83,34 @@ def zoo_info_cmd(
     from . import console
 
     _print_info(zoo_info(zoo), console)
+
+
+@zoo_app.command("partner-kinds")
+def zoo_partner_kinds(
+    run: Path = typer.Argument(..., help="Run directory of a finished correlate stage."),
+    member_seeds: list[str] = typer.Option([], "--member-seeds", help="MODEL=INIT:DATA for a "
+                                           "model whose seeds no folder records (e.g. "
+                                           "EleutherAI/pythia-160m-data-seed1=1234:1), repeatable; "
+                                           "the model spec exactly as given to correlate."),
+) -> None:
+    """Universality per partner kind (same init / same data order / both different) of a
+    correlate run: writes partner_kinds.parquet and the per-kind excess columns of
+    neurons.parquet. Zoo members' seeds are read from their folders."""
+    from ..correlate.partner_kinds import write_partner_kinds
+    from ..errors import UnineuronsError
+    from . import console
+
+    seeds: dict[str, tuple[int | str, int | str]] = {}
+    for item in member_seeds:
+        spec, eq, pair = item.rpartition("=")
+        init, colon, data = pair.partition(":")
+        if not eq or not colon or not spec or not init or not data:
+            raise UnineuronsError(f"--member-seeds {item!r}: give MODEL=INIT:DATA")
+        seeds[spec] = (init, data)
+    df = write_partner_kinds(run, seeds)
+    for (kind, layer), g in df.groupby(["partner_kind", "layer"], sort=False):
+        console.print(f"{kind:15s} L{layer}: mean excess {g['mean_excess_corr'].mean():.3f}, "
+                      f"universal {100 * g['universal_share'].mean():.1f}%", highlight=False)
 
 
 def _print_info(info: dict, console) -> None:
@@ -85,6 +132,8 @@ def _print_info(info: dict, console) -> None:
                       ",".join(map(str, s["checkpoints"])) or "-", fmt(s["train_loss"]),
                       fmt(s["heldout_loss"]), fmt(s["elapsed_s"], ".0f") + " s")
     console.print(table)
+    for note in info.get("notes", []):
+        console.print(f"[yellow]note[/]: {note}", highlight=False, soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

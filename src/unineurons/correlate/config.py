@@ -16,7 +16,7 @@ __all__ = ["CorrelateConfig"]
 class CorrelateConfig(Backend):
     """Cross-seed neuron correlations, the rotation baseline and universal neurons."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     models: list[str] = Field(description="Model specs (folder or HUB_ID[@REVISION]); the first is the reference.")
     tokens: str = Field(description="Token store folder.")
@@ -28,6 +28,16 @@ class CorrelateConfig(Backend):
         "Random-rotation baseline (Gurnee et al. eq. 2) or none."
     ))
     threshold: float = Field(0.5, description="Universal if excess correlation > threshold.")
+    null_rotations: int = Field(32, ge=0, description=(
+        "Seeded rotations per layer for the calibrated null of each neuron's max correlation "
+        "(p_value, q_value, is_universal_calibrated); 0: no calibrated criterion."
+    ))
+    fdr: float = Field(0.01, gt=0, lt=1, description=(
+        "Calibrated universal if the Benjamini-Hochberg q-value < fdr."
+    ))
+    split_half: bool = Field(False, description=(
+        "Also find the universal sets on two disjoint halves of the contexts (split_half.parquet)."
+    ))
     ceiling: bool = Field(True, description=(
         "Also correlate each model with its own rotated activations (ceiling_corr, excess_norm)."
     ))
@@ -60,6 +70,13 @@ class CorrelateConfig(Backend):
             raise ValueError("needs at least two --model (the first is the reference)")
         if len(set(v)) != len(v):
             raise ValueError("a model is given twice; each --model must be a different model")
+        return v
+
+    @field_validator("null_rotations")
+    @classmethod
+    def _null(cls, v: int) -> int:
+        if 0 < v < 8:
+            raise ValueError("needs 0 (no calibrated criterion) or at least 8 null rotations")
         return v
 
     @field_validator("memory_budget")

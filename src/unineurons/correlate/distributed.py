@@ -22,7 +22,7 @@ from ..rundir import RunDir
 from ..sharding import SHARDS_PER_WORKER, RayOptions, ShardWorker, model_job, run_shards
 from ..stream import MaskConfig, activation_stream
 from .config import CorrelateConfig
-from .engine import CHECKPOINT, _folds, _PassState, _save_checkpoint
+from .engine import CHECKPOINT, _folds, _PassState, _save_checkpoint, segments
 from .plan import ModelShape, Unit
 
 __all__ = ["ray_pass", "correlate_job", "correlate_shard", "TASK"]
@@ -49,14 +49,19 @@ def correlate_shard(worker: ShardWorker, job: dict, c0: int, c1: int, *, units: 
         torch.backends.cuda.matmul.allow_tf32 = True
     shapes = [ModelShape(**s) for s in job["shapes"]]
     cdtype = batch_matmul_dtype(cfg.dtype)
+    halves = 2 if cfg.split_half else 1
     st = _PassState([Unit(**u) for u in units], shapes, job["device"], cdtype,
-                    None if fresh_layercov else [])
+                    None if fresh_layercov else [], halves)
     need = st.models_needed(len(models))
     mask = MaskConfig(cfg.drop_bos, cfg.drop_eos, cfg.drop_pad, cfg.drop_newline)
     contexts = store.contexts(cfg.n_tokens)
-    stream = activation_stream([models[i] for i in need], contexts[:c1], store.manifest["tokenizer"],
-                               batch_size=cfg.batch_size, start=c0, mask=mask, device=job["device"])
-    kept = sum(n for _, n, _ in _folds(stream, c1, need, st, shapes, cdtype, job["accumulate"]))
+    kept = 0
+    for s0, s1, half in segments(c0, c1, contexts.shape[0], halves):  # a shard may cross the split
+        stream = activation_stream([models[i] for i in need], contexts[:s1],
+                                   store.manifest["tokenizer"], batch_size=cfg.batch_size,
+                                   start=s0, mask=mask, device=job["device"])
+        kept += sum(n for _, n, _ in _folds(stream, s1, need, st, shapes, cdtype,
+                                            job["accumulate"], half))
     return st.state_dict(), {"kept": kept}
 
 

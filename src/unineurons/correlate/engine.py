@@ -19,20 +19,23 @@ from pathlib import Path
 import torch
 
 from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype, shift_of, shifted
+from ..checks import check_plan_memory, check_store_models
 from ..errors import UnineuronsError
 from ..io import load_checkpoint, load_tensors, save_checkpoint, save_tensors
-from ..models.load import LoadedModel, check_compatible, load_model
+from ..models.load import LoadedModel, load_model
 from ..progress import progress
 from ..rundir import RunDir
 from ..stream import MaskConfig, activation_stream
 from ..tokens import TokenStore
+from .calibrate import block_null
 from .config import CorrelateConfig
+from .extras import unit_extras, write_extras
 from .maxcorr import block_results
 from .plan import ModelShape, Plan, Unit, plan_units, stream_bytes
 from .rotation import rotation_for
 from .summarize import finalize
 
-__all__ = ["run_correlate", "CorrelateResult", "plan_for", "accumulate_tokens"]
+__all__ = ["run_correlate", "CorrelateResult", "plan_for", "accumulate_tokens", "segments"]
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -82,7 +85,17 @@ def accumulate_tokens(cfg: CorrelateConfig, shapes: list[ModelShape], ctx: int) 
 def plan_for(cfg: CorrelateConfig, shapes: list[ModelShape], ctx: int) -> Plan:
     """The pass plan of ``cfg`` for models of ``shapes`` and contexts of ``ctx`` tokens."""
     stream = _stream(cfg, shapes, ctx, accumulate_tokens(cfg, shapes, ctx))
-    return plan_units(shapes, cfg.pairs, cfg.budget_bytes, stream, ceiling=cfg.ceiling)
+    return plan_units(shapes, cfg.pairs, cfg.budget_bytes, stream, ceiling=cfg.ceiling,
+                      null_rotations=cfg.null_rotations, halves=2 if cfg.split_half else 1)
+
+
+def segments(c0: int, c1: int, n_ctx: int, halves: int) -> list[tuple[int, int, int]]:
+    """Contexts ``[c0, c1)`` of ``n_ctx`` cut at the split-half boundary ``n_ctx // 2``:
+    ``(start, stop, half)`` pieces, each inside one half (half 0 only without a split)."""
+    if halves == 1:
+        return [(c0, c1, 0)] if c0 < c1 else []
+    cuts = ((0, n_ctx // 2), (n_ctx // 2, n_ctx))
+    return [(max(c0, s), min(c1, e), h) for h, (s, e) in enumerate(cuts) if max(c0, s) < min(c1, e)]
 
 
 def _rotations(cfg: CorrelateConfig, m: LoadedModel) -> list[torch.Tensor]:
@@ -96,17 +109,21 @@ class _PassState:
     ``layercov`` None: accumulate fresh layer covariances in this pass (the first); a list:
     keep those, finished, and do not update them (an empty list: hold none, as a Ray shard of
     a later pass does).
+
+    ``halves`` 2 (``--split-half``): every accumulator twice, one per half of the contexts:
+    block ``key`` and ``key.h1``, layer covariances ``[half 0 of each model, half 1 ...]``.
     """
 
     def __init__(self, units: list[Unit], shapes: list[ModelShape], device: str,
-                 cdtype: torch.dtype, layercov: list[LayerCov] | None):
+                 cdtype: torch.dtype, layercov: list[LayerCov] | None, halves: int = 1):
         self.units = units
         self.device = device
-        self.co = {u.key(): CoMoments((u.l1 - u.l0) * shapes[u.a].d_mlp, shapes[u.b].n,
-                                      device=device, compute_dtype=cdtype) for u in units}
+        self.co = {u.key() + ("" if h == 0 else f".h{h}"): CoMoments(
+            (u.l1 - u.l0) * shapes[u.a].d_mlp, shapes[u.b].n, device=device, compute_dtype=cdtype)
+            for h in range(halves) for u in units if h == 0 or u.kind == "pair"}
         self.fresh_layercov = layercov is None
         self.layercov = layercov if layercov is not None else [
-            LayerCov(s.n_layers, s.d_mlp, device, cdtype) for s in shapes]
+            LayerCov(s.n_layers, s.d_mlp, device, cdtype) for _ in range(halves) for s in shapes]
         self.plan_key = ""  #: the run's pass layout (``_plan_key``), saved with checkpoints
 
     def models_needed(self, n_models: int) -> list[int]:
@@ -153,8 +170,11 @@ def _save_checkpoint(run: RunDir, st: _PassState, meta: dict) -> None:
 
 
 def _unit_results(u: Unit, co: CoMoments, layercov: list[LayerCov], rots: list[list[torch.Tensor]],
-                  shapes: list[ModelShape], cfg: CorrelateConfig) -> dict[str, torch.Tensor]:
-    """Summaries of one finished block, keyed by name."""
+                  shapes: list[ModelShape], cfg: CorrelateConfig, keys: list[str] | None = None,
+                  half: bool = False) -> dict[str, torch.Tensor]:
+    """Summaries of one finished block, keyed by name; ``keys`` (the models' weight hashes):
+    also the calibrated null (``row_null``, ``col_null``); ``half``: one half of a split, top-1
+    only."""
     da = shapes[u.a].d_mlp
     rows = slice(u.l0 * da, u.l1 * da)
     n = co.n
@@ -168,12 +188,21 @@ def _unit_results(u: Unit, co: CoMoments, layercov: list[LayerCov], rots: list[l
         return {"ceiling": res["row_base"]}
     rotate = cfg.baseline == "rotation"
     res = block_results(
-        co.c, n, m2_rows, layercov[u.b].m2(), k=cfg.top_k, **tiles,
+        co.c, n, m2_rows, layercov[u.b].m2(), k=1 if half else cfg.top_k, **tiles,
         col_cov=cov_b if rotate else None, col_rot=rots[u.b] if rotate else None,
         row_cov=layercov[u.a].c[u.l0:u.l1] if rotate else None,
         row_rot=rots[u.a][u.l0:u.l1] if rotate else None,
-        rows_dir=u.rows_dir, cols_dir=u.cols_dir, want_rho=cfg.save_full_matrix,
+        rows_dir=u.rows_dir, cols_dir=u.cols_dir, want_rho=cfg.save_full_matrix and not half,
     )
+    if keys and cfg.null_rotations:
+        def rot(m: int, first: int) -> Callable[[int, int], torch.Tensor]:
+            return lambda layer, r: rotation_for(cfg.seed, keys[m], first + layer,
+                                                 shapes[m].d_mlp, draw=r, device=co.c.device)
+        res.update(block_null(co.c, n, m2_rows, layercov[u.b].m2(), n_rot=cfg.null_rotations, **tiles,
+                              col_cov=cov_b if u.rows_dir else None,
+                              col_rot=rot(u.b, 0) if u.rows_dir else None,
+                              row_cov=layercov[u.a].c[u.l0:u.l1] if u.cols_dir else None,
+                              row_rot=rot(u.a, u.l0) if u.cols_dir else None))
     if "col_topi" in res:  # row indices of this block -> flat indices of model a
         res["col_topi"] = torch.where(res["col_topi"] >= 0, res["col_topi"] + rows.start,
                                       res["col_topi"])
@@ -193,8 +222,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     special = store.manifest["tokenizer"]
     if models is None:
         models = [load_model(spec, device=cfg.driver_device) for spec in cfg.models]
-    check_compatible(models, store_tokenizer_fp=special.get("vocab_sha256"),
-                     store_vocab_size=special.get("vocab_size"))
+    check_store_models(models, special, store.ctx, store.path)  # the check every command shares
     shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp,
                          sum(p.numel() for p in m.model.parameters()), d_model=m.adapter.d_model,
                          n_heads=int(m.model.config.num_attention_heads),
@@ -202,6 +230,8 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     accumulate = accumulate_tokens(cfg, shapes, store.ctx)
     chash = _config_hash(cfg, models, store, accumulate)
     plan = plan_for(cfg, shapes, store.ctx)
+    if cfg.backend == "local":
+        check_plan_memory(plan.peak_bytes, cfg.driver_device)  # not killed half-way, silently
     run = RunDir.create(out)
 
     done = run.manifest().get("correlate")
@@ -240,16 +270,24 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
                 "started with, or choose a new --out")
         start_pass, cursor, kept = prog["pass"], prog["cursor"], prog["kept_tokens"]
 
+    halves = 2 if cfg.split_half else 1
+    keys = [m.weights_sha256 for m in models]
     layercov: list[LayerCov] | None = None
+    full_lc: list[LayerCov] = []  # of all contexts: the halves merged when split
     if start_pass > 0:
         lc_state, _ = load_tensors(run.state_dir / "layercov.safetensors", "layer covariances")
         layercov = [LayerCov(s.n_layers, s.d_mlp, cfg.driver_device, cdtype).load_state_dict(
-            {k: lc_state[f"{i}.{k}"] for k in ("n", "mean", "c")}) for i, s in enumerate(shapes)]
+            {k: lc_state[f"{i}.{k}"] for k in ("n", "mean", "c")})
+            for i, s in enumerate(shapes * halves)]
+        full_lc = _merged_halves(layercov, len(shapes), cfg.driver_device)
 
     n_ctx = contexts.shape[0]
+    if cfg.split_half and n_ctx < 2:
+        raise UnineuronsError(f"--split-half needs at least 2 contexts, {cfg.tokens} gives {n_ctx}; "
+                              "use more --n-tokens")
     for p in range(start_pass, len(plan.passes)):
         units = plan.passes[p]
-        st = _PassState(units, shapes, cfg.driver_device, cdtype, layercov)
+        st = _PassState(units, shapes, cfg.driver_device, cdtype, layercov, halves)
         st.plan_key = _plan_key(plan)
         if saved and p == start_pass:
             st.load(saved)
@@ -278,10 +316,22 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
             save_tensors(run.state_dir / "layercov.safetensors",
                          {f"{i}.{k}": v for i, lc in enumerate(layercov)
                           for k, v in lc.state_dict().items()})
+            full_lc = _merged_halves(layercov, len(shapes), cfg.driver_device)
         results = {}
         for u in units:
-            for k, v in _unit_results(u, st.co[u.key()], layercov, rots, shapes, cfg).items():
+            if halves == 2 and u.kind == "pair":
+                # each half alone, then half 1 merged into half 0 in place: all contexts
+                h1 = st.co.pop(f"{u.key()}.h1")
+                for part, co in enumerate((st.co[u.key()], h1)):
+                    lc = layercov[part * len(shapes):(part + 1) * len(shapes)]
+                    for k, v in _unit_results(u, co, lc, rots, shapes, cfg, keys, half=True).items():
+                        results[f"{u.key()}.h{part}.{k}"] = v
+                    results[f"{u.key()}.h{part}.n"] = co.n
+                st.co[u.key()].merge(h1)
+                del h1
+            for k, v in _unit_results(u, st.co[u.key()], full_lc, rots, shapes, cfg, keys).items():
                 results[f"{u.key()}.{k}"] = v
+            results.update(unit_extras(u, st.co[u.key()], layercov, rots, shapes))
         save_tensors(run.state_dir / f"results.{p}.safetensors", results)
         # the pass is done: the next checkpoint starts the next pass from token 0
         save_checkpoint(ckpt_path, {}, {"config_hash": chash, "pass": p + 1, "cursor": 0,
@@ -293,13 +343,24 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
         r, _ = load_tensors(run.state_dir / f"results.{p}.safetensors", "pass results")
         all_results.update(r)
     elapsed = time.time() - t_start
-    neurons, layers = finalize(run, cfg, models, store, plan, shapes, all_results, layercov,
+    neurons, layers = finalize(run, cfg, models, store, plan, shapes, all_results, full_lc,
                                kept_tokens=kept, n_contexts=n_ctx, config_hash=chash,
                                elapsed_s=elapsed)
+    neurons, layers = write_extras(run, [m.name for m in models], shapes, plan, all_results,
+                                   cfg.threshold, [m.spec.location for m in models])
     # results are in the run directory now; the resumable state is no longer needed
     for f in run.state_dir.glob("*.safetensors"):
         f.unlink()
     return CorrelateResult(run, neurons, layers, plan, elapsed)
+
+
+def _merged_halves(layercov: list[LayerCov], n_models: int, device: str) -> list[LayerCov]:
+    """The layer covariances of all contexts: the list itself, or with ``--split-half`` (twice
+    as many entries, half 0 first) each model's two halves merged into a new one."""
+    if len(layercov) == n_models:
+        return layercov
+    return [LayerCov(0, 0, device).load_state_dict(layercov[i].state_dict()).merge(
+        layercov[n_models + i]) for i in range(n_models)]
 
 
 def _stream_pass(run: RunDir, cfg: CorrelateConfig, st: _PassState, pass_models: list[LoadedModel],
@@ -313,27 +374,29 @@ def _stream_pass(run: RunDir, cfg: CorrelateConfig, st: _PassState, pass_models:
     since = 0
     with progress(f"correlate pass {pass_index + 1}/{n_passes}", total=n_ctx * ctx) as bar:
         bar.advance(cursor * ctx)
-        stream = activation_stream(pass_models, contexts, special, batch_size=cfg.batch_size,
-                                   start=cursor, mask=mask, device=cfg.device)
-        for end, n_folded, last in _folds(stream, n_ctx, need, st, shapes, cdtype, accumulate):
-            since += (end - cursor) * ctx
-            bar.advance((end - cursor) * ctx)
-            cursor = end
-            if pass_index == 0:
-                kept += n_folded
-            if since >= cfg.checkpoint_tokens and not last:
-                _save_checkpoint(run, st, {"config_hash": chash, "pass": pass_index,
-                                           "cursor": cursor, "kept_tokens": kept})
-                since = 0
+        for c0, c1, half in segments(cursor, n_ctx, n_ctx, 2 if cfg.split_half else 1):
+            stream = activation_stream(pass_models, contexts[:c1], special, batch_size=cfg.batch_size,
+                                       start=c0, mask=mask, device=cfg.device)
+            for end, n_folded, last in _folds(stream, c1, need, st, shapes, cdtype, accumulate, half):
+                since += (end - cursor) * ctx
+                bar.advance((end - cursor) * ctx)
+                cursor = end
+                if pass_index == 0:
+                    kept += n_folded
+                if since >= cfg.checkpoint_tokens and not (last and c1 == n_ctx):
+                    _save_checkpoint(run, st, {"config_hash": chash, "pass": pass_index,
+                                               "cursor": cursor, "kept_tokens": kept})
+                    since = 0
     return cursor, kept
 
 
 def _folds(stream: Iterator, n_ctx: int, need: list[int], st: _PassState,
-           shapes: list[ModelShape], cdtype: torch.dtype, accumulate: int
+           shapes: list[ModelShape], cdtype: torch.dtype, accumulate: int, half: int = 0
            ) -> Iterator[tuple[int, int, bool]]:
-    """Fold the batches of ``stream`` (over contexts ``[.., n_ctx)``) into ``st`` every
-    ``accumulate`` kept tokens and at the end. After each fold yield (context cursor after
-    it, kept tokens it folded, whether it was the last)."""
+    """Fold the batches of ``stream`` (over contexts ``[.., n_ctx)``) into ``st`` (into its
+    accumulators of split half ``half``) every ``accumulate`` kept tokens and at the end.
+    After each fold yield (context cursor after it, kept tokens it folded, whether it was the
+    last)."""
     pending: list = []  # forward batches not yet folded in
     n_pending = 0
     for batch in stream:
@@ -347,15 +410,15 @@ def _folds(stream: Iterator, n_ctx: int, need: list[int], st: _PassState,
         # drop the batches before the shifted copies exist: the plan counts one float32 copy
         # of the buffered rows plus one in the compute dtype, not three
         pending, n_pending, batch = [], 0, None
-        _fold(acts, need, st, shapes, cdtype)
+        _fold(acts, need, st, shapes, cdtype, half)
         del acts
         yield end, n_folded, last
 
 
 @torch.inference_mode()
 def _fold(acts: list[torch.Tensor], need: list[int], st: _PassState, shapes: list[ModelShape],
-          cdtype: torch.dtype) -> None:
-    """Shift each model's activations once, then one GEMM per planned block."""
+          cdtype: torch.dtype, half: int = 0) -> None:
+    """Shift each model's activations once, then one GEMM per planned block (of ``half``)."""
     if acts[0].shape[0] == 0:
         return
     shift, xs = {}, {}
@@ -363,9 +426,10 @@ def _fold(acts: list[torch.Tensor], need: list[int], st: _PassState, shapes: lis
         shift[i] = shift_of(acts[j])  # [L*d] float64
         xs[i] = shifted(acts[j], shift[i], cdtype)  # [n, L*d]
     if st.fresh_layercov:
-        for i, lc in enumerate(st.layercov):
-            lc.update_shifted(shift[i], xs[i])
+        for i in range(len(shapes)):
+            st.layercov[half * len(shapes) + i].update_shifted(shift[i], xs[i])
     for u in st.units:
         da = shapes[u.a].d_mlp
         rows = slice(u.l0 * da, u.l1 * da)
-        st.co[u.key()].update_shifted(shift[u.a][rows], shift[u.b], xs[u.a][:, rows], xs[u.b])
+        key = u.key() + (f".h{half}" if half and u.kind == "pair" else "")  # ceiling: all contexts
+        st.co[key].update_shifted(shift[u.a][rows], shift[u.b], xs[u.a][:, rows], xs[u.b])

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..errors import UnineuronsError
 from .config import CorrelateConfig
 from .engine import plan_for
-from .plan import ModelShape, Plan, flops_per_token
+from .plan import ModelShape, Plan, flops_per_token, null_flops
 
 __all__ = ["shape_from_config", "measure_matmul_rate", "estimate", "Estimate"]
 
@@ -28,6 +29,9 @@ def shape_from_config(spec: str) -> ModelShape:
     from ..models.load import parse_model_spec
 
     ms = parse_model_spec(spec)
+    if ms.local and not (Path(ms.location) / "config.json").is_file():
+        raise UnineuronsError(f"model folder {spec} has no config.json; give the folder a model "
+                              "was saved to (save_pretrained), or a hub id")
     try:
         cfg = AutoConfig.from_pretrained(ms.location, revision=ms.revision)
     except Exception as e:
@@ -65,10 +69,11 @@ class Estimate:
     n_tokens: int
     rate: float  #: FLOP/s used for the time
     workers: int
+    null_flops: float = 0.0  #: the calibrated null's, once per run (``plan.null_flops``)
 
     @property
     def total_flops(self) -> float:
-        return self.flops["total"] * self.n_tokens
+        return self.flops["total"] * self.n_tokens + self.null_flops
 
     @property
     def seconds(self) -> float:
@@ -81,4 +86,5 @@ def estimate(cfg: CorrelateConfig, n_tokens: int, ctx: int, rate: float | None =
     shapes = [shape_from_config(m) for m in cfg.models]
     plan = plan_for(cfg, shapes, ctx)
     return Estimate(shapes, plan, flops_per_token(shapes, plan), n_tokens,
-                    rate if rate else measure_matmul_rate(), max(1, workers))
+                    rate if rate else measure_matmul_rate(), max(1, workers),
+                    null_flops(shapes, plan, cfg.null_rotations, 2 if cfg.split_half else 1))

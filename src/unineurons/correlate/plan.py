@@ -12,7 +12,11 @@ What is counted (all of it measured, see ``benchmarks/correlate.py`` row (f)):
 - ``stream`` (:func:`stream_bytes`): weights, batch buffers, one forward pass's working memory,
   the fold's copies, and on a CPU run the rotation matrices of the baseline;
 - per pass, its co-moment blocks plus the temporaries of one block (:func:`work_bytes`): a
-  fold's cross product, or the working copies of summarising the block tile by tile.
+  fold's cross product, or the working copies of summarising the block tile by tile;
+- the calibrated null (``null_rotations`` R): every block's null maxima (``[R, rows]``, kept
+  to the end of the run, in ``persistent``) and one rotation with its QR workspace at a time;
+- ``--split-half`` (``halves`` 2): every pair block and layer covariance twice (one per half
+  of the contexts) and the merged layer covariances of all contexts, the halves' summaries.
 
 Counting the stream's memory through the summaries (when its buffers are already free) keeps
 the plan an upper bound whatever the allocator does with freed memory.
@@ -26,7 +30,8 @@ from dataclasses import asdict, dataclass, field
 from ..errors import UnineuronsError
 
 __all__ = ["ModelShape", "Unit", "Plan", "plan_units", "stream_bytes", "forward_workspace",
-           "work_bytes", "parse_bytes", "fmt_bytes", "flops_per_token"]
+           "work_bytes", "acc_bytes", "null_bytes", "null_flops", "parse_bytes", "fmt_bytes",
+           "flops_per_token"]
 
 F64 = 8
 F32 = 4
@@ -165,11 +170,25 @@ class Unit:
         return f"{self.kind}.{self.a}.{self.b}.{self.l0}.{self.l1}"
 
 
-def work_bytes(u: Unit, shapes: list[ModelShape]) -> int:
+#: float64 ``[d, d]`` copies of generating one null rotation: the Gaussian, Q, R, the signs'
+#: product (``rotation.random_orthogonal``)
+NULL_ROT_COPIES = 4
+
+
+def work_bytes(u: Unit, shapes: list[ModelShape], null_rotations: int = 0) -> int:
     """Temporaries of block ``u`` beyond the block itself: the larger of a fold's cross
-    product and the working copies of summarising it tile by tile (see ``WORK_TILE``)."""
+    product and the working copies of summarising it tile by tile (see ``WORK_TILE``), the
+    latter with a null rotation being made (``NULL_ROT_COPIES``) when ``null_rotations``."""
     tile = shapes[u.a].d_mlp * shapes[u.b].d_mlp * F64
-    return max(u.nbytes(shapes), WORK_TILE * tile)
+    rot = NULL_ROT_COPIES * max(shapes[u.a].d_mlp, shapes[u.b].d_mlp) ** 2 * F64 if null_rotations else 0
+    from .extras import extras_work_bytes  # layer similarity and matching of the block
+
+    return max(u.nbytes(shapes), WORK_TILE * tile + rot, extras_work_bytes(u, shapes))
+
+
+def acc_bytes(u: Unit, shapes: list[ModelShape], halves: int = 1) -> int:
+    """Accumulator bytes of block ``u``: one co-moment block per split half (pairs only)."""
+    return u.nbytes(shapes) * (halves if u.kind == "pair" else 1)
 
 
 @dataclass(frozen=True)
@@ -208,15 +227,19 @@ def pair_list(n_models: int, mode: str) -> list[tuple[int, int, bool]]:
     raise UnineuronsError(f"--pairs must be reference or all, not {mode!r}")
 
 
-def _pack(units: list[Unit], shapes: list[ModelShape], avail: int
-          ) -> tuple[list[list[Unit]], list[int], list[int]]:
+def _pack(units: list[Unit], shapes: list[ModelShape], avail: int, null_rotations: int = 0,
+          halves: int = 1) -> tuple[list[list[Unit]], list[int], list[int]]:
     """First fit decreasing: a pass holds units while its co-moments plus its largest
     working copies fit ``avail``. Returns (passes, co-moment bytes, working bytes)."""
     passes: list[list[Unit]] = []
     loads: list[int] = []
     works: list[int] = []
-    for u in sorted(units, key=lambda u: (-u.nbytes(shapes), -work_bytes(u, shapes))):
-        nb, w = u.nbytes(shapes), work_bytes(u, shapes)
+
+    def size(u: Unit) -> tuple[int, int]:
+        return acc_bytes(u, shapes, halves), work_bytes(u, shapes, null_rotations)
+
+    for u in sorted(units, key=lambda u: tuple(-x for x in size(u))):
+        nb, w = size(u)
         for i in range(len(passes)):
             if loads[i] + nb + max(works[i], w) <= avail:
                 passes[i].append(u)
@@ -230,17 +253,29 @@ def _pack(units: list[Unit], shapes: list[ModelShape], avail: int
     return passes, loads, works
 
 
+def null_bytes(shapes: list[ModelShape], mode: str, null_rotations: int, halves: int = 1) -> int:
+    """The calibrated null's maxima of the whole run, float64 ``[R, neurons]`` per direction of
+    every pair (and per split half plus all contexts with ``halves`` 2), kept to the end."""
+    if not null_rotations:
+        return 0
+    per = sum(shapes[a].n + (shapes[b].n if cd else 0) for a, b, cd in pair_list(len(shapes), mode))
+    return null_rotations * per * F64 * (1 if halves == 1 else halves + 1)
+
+
 def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
-               ceiling: bool = True) -> Plan:
+               ceiling: bool = True, null_rotations: int = 0, halves: int = 1) -> Plan:
     """Split and pack the needed blocks into passes that fit ``budget`` bytes, given the
     batch-scaled memory ``stream`` (see :func:`stream_bytes`).
 
     Blocks are split into units of the same number of layers ``k`` of their row model (the
     last unit of a model may be shorter). Smaller units need smaller working copies, so more
     co-moments fit a pass; the plan takes the ``k`` with the fewest passes, and of those the
-    largest (fewer, larger GEMMs).
+    largest (fewer, larger GEMMs). ``null_rotations`` and ``halves`` (``--split-half``): see
+    the module docstring.
     """
-    persistent = sum(s.n_layers * s.d_mlp * s.d_mlp * F64 + 4 * s.n * F64 for s in shapes)
+    lc_copies = 1 if halves == 1 else halves + 1  # each half's and the merged
+    persistent = (sum(s.n_layers * s.d_mlp * s.d_mlp * F64 * lc_copies + 4 * s.n * F64 for s in shapes)
+                  + null_bytes(shapes, mode, null_rotations, halves))
     avail = budget - persistent - stream
     need = [(a, b, cd, "pair") for a, b, cd in pair_list(len(shapes), mode)]
     if ceiling:
@@ -248,11 +283,11 @@ def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
         need += [(a, a, False, "ceiling") for a in sides]
     for a, b, cd, kind in need:
         one = Unit(a, b, 0, 1, kind, True, cd)
-        if one.nbytes(shapes) + work_bytes(one, shapes) > avail:
+        if acc_bytes(one, shapes, halves) + work_bytes(one, shapes, null_rotations) > avail:
             raise UnineuronsError(
                 f"memory budget {fmt_bytes(budget)} is too small: one layer of model {a} against "
-                f"model {b} needs {fmt_bytes(one.nbytes(shapes))} and "
-                f"{fmt_bytes(work_bytes(one, shapes))} of working copies to summarise it, on top "
+                f"model {b} needs {fmt_bytes(acc_bytes(one, shapes, halves))} and "
+                f"{fmt_bytes(work_bytes(one, shapes, null_rotations))} of working copies to summarise it, on top "
                 f"of {fmt_bytes(persistent)} of within-layer covariances and {fmt_bytes(stream)} of "
                 "weights, batch buffers and forward working memory; raise --memory-budget, or "
                 "lower --batch-size or --accumulate-tokens"
@@ -261,9 +296,10 @@ def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
     for k in range(max((shapes[a].n_layers for a, _, _, _ in need), default=1), 0, -1):
         units = [Unit(a, b, l0, min(shapes[a].n_layers, l0 + k), kind, True, cd)
                  for a, b, cd, kind in need for l0 in range(0, shapes[a].n_layers, k)]
-        if any(u.nbytes(shapes) + work_bytes(u, shapes) > avail for u in units):
+        if any(acc_bytes(u, shapes, halves) + work_bytes(u, shapes, null_rotations) > avail
+               for u in units):
             continue
-        packed = _pack(units, shapes, avail)
+        packed = _pack(units, shapes, avail, null_rotations, halves)
         if best is None or len(packed[0]) < len(best[0]):  # ties keep the larger k
             best = packed
     passes, loads, works = best if best is not None else ([], [], [])
@@ -271,6 +307,24 @@ def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
         p.sort(key=lambda u: (u.kind != "pair", u.a, u.b, u.l0))
     return Plan(passes=passes, pass_bytes=loads, persistent_bytes=persistent,
                 stream_bytes=stream, budget=budget, work_bytes=works)
+
+
+def null_flops(shapes: list[ModelShape], plan: Plan, null_rotations: int, halves: int = 1) -> float:
+    """FLOPs of the calibrated null, once per run (not per token): per rotation and pair block,
+    the rotated block's GEMM (``2 rows N_b d_b``, and ``2 rows N_b d_a`` for the columns
+    direction) and making the rotations (QR, ``~4 d³`` each, per layer). With ``halves`` 2 each
+    half is summarised too (three times in all)."""
+    total = 0.0
+    for p in plan.passes:
+        for u in p:
+            if u.kind != "pair":
+                continue
+            sa, sb = shapes[u.a], shapes[u.b]
+            rows = (u.l1 - u.l0) * sa.d_mlp
+            total += 2.0 * rows * sb.n * sb.d_mlp + 4.0 * sb.n_layers * sb.d_mlp ** 3
+            if u.cols_dir:
+                total += 2.0 * rows * sb.n * sa.d_mlp + 4.0 * (u.l1 - u.l0) * sa.d_mlp ** 3
+    return total * null_rotations * (1 if halves == 1 else halves + 1)
 
 
 def flops_per_token(shapes: list[ModelShape], plan: Plan) -> dict[str, float]:

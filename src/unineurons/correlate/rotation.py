@@ -15,25 +15,31 @@ import torch
 __all__ = ["random_orthogonal", "rotation_for"]
 
 
-def random_orthogonal(d: int, generator: torch.Generator) -> torch.Tensor:
+def random_orthogonal(d: int, generator: torch.Generator, device: str | torch.device = "cpu"
+                      ) -> torch.Tensor:
     """A Haar-random orthogonal ``[d, d]`` float64 matrix: QR of a Gaussian, sign-corrected.
 
     Without the sign correction (multiplying column j by sign(R_jj)) QR's output is not
-    uniformly distributed over the orthogonal group.
+    uniformly distributed over the orthogonal group. ``device``: where the QR runs (the
+    Gaussian is drawn on the CPU, so the draw does not depend on the device).
     """
-    g = torch.randn(d, d, generator=generator, dtype=torch.float64)
+    g = torch.randn(d, d, generator=generator, dtype=torch.float64).to(device)
     q, r = torch.linalg.qr(g)
     s = torch.sign(torch.diagonal(r))
     s[s == 0] = 1.0
     return q * s  # scales column j by s_j
 
 
-def rotation_for(seed: int, model_key: str, layer: int, d: int) -> torch.Tensor:
+def rotation_for(seed: int, model_key: str, layer: int, d: int, draw: int | None = None,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
     """The rotation of ``layer`` of the model identified by ``model_key`` (its weight hash).
 
     Keyed by the model itself, not its position on the command line, so a model keeps its
-    rotation whichever pair it is in and whatever order models are given.
+    rotation whichever pair it is in and whatever order models are given. ``draw``: the
+    ``draw``-th rotation of the calibrated null (``--null-rotations``), independent of the
+    baseline's (``draw`` None).
     """
-    h = hashlib.sha256(f"{seed}|{model_key}|{layer}".encode()).digest()
+    key = f"{seed}|{model_key}|{layer}" + ("" if draw is None else f"|null{draw}")
+    h = hashlib.sha256(key.encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
-    return random_orthogonal(d, gen)
+    return random_orthogonal(d, gen, device)

@@ -14,6 +14,7 @@ from ..accumulators.comoments import LayerCov
 from ..models.load import LoadedModel
 from ..rundir import RunDir, pair_file_name
 from ..tokens import TokenStore
+from .calibrate import calibrated_columns
 from .config import CorrelateConfig
 from .maxcorr import ZERO_VAR, combine_topk
 from .plan import ModelShape, Plan, pair_list
@@ -53,15 +54,19 @@ def _directions(cfg: CorrelateConfig, shapes: list[ModelShape], res: dict[str, t
     units = [u for p in plan.passes for u in p if u.kind == "pair"]
     for u in sorted(units, key=lambda u: (u.a, u.b, u.l0)):
         key = u.key()
-        fwd = parts.setdefault((u.a, u.b), {"topv": [], "topi": [], "base": [], "rho": []})
+        fwd = parts.setdefault((u.a, u.b), {"topv": [], "topi": [], "base": [], "rho": [], "null": []})
         fwd["topv"].append(res[f"{key}.row_topv"])
         fwd["topi"].append(res[f"{key}.row_topi"])
         if f"{key}.row_base" in res:
             fwd["base"].append(res[f"{key}.row_base"])
         if f"{key}.rho" in res:
             fwd["rho"].append(res[f"{key}.rho"])
+        if f"{key}.row_null" in res:
+            fwd["null"].append(res[f"{key}.row_null"])
         if u.cols_dir:
-            bwd = parts.setdefault((u.b, u.a), {"ctopv": [], "ctopi": [], "cbase": []})
+            bwd = parts.setdefault((u.b, u.a), {"ctopv": [], "ctopi": [], "cbase": [], "cnull": []})
+            if f"{key}.col_null" in res:
+                bwd["cnull"].append(res[f"{key}.col_null"])
             bwd["ctopv"].append(res[f"{key}.col_topv"])
             bwd["ctopi"].append(res[f"{key}.col_topi"])
             if f"{key}.col_base" in res:
@@ -74,12 +79,17 @@ def _directions(cfg: CorrelateConfig, shapes: list[ModelShape], res: dict[str, t
                 d["base"] = torch.cat(p["base"])
             if p["rho"]:
                 d["rho"] = torch.cat(p["rho"])
+            if p["null"]:
+                d["null"] = torch.cat(p["null"], dim=1)
         else:  # columns direction: combine the per-block partial maxima
             topv, topi = combine_topk(p["ctopv"], p["ctopi"], k)
             d = {"topv": topv, "topi": topi}
             if p["cbase"]:
                 d["base"] = torch.stack(p["cbase"]).nan_to_num(float("-inf")).amax(0)
                 d["base"][torch.isinf(d["base"])] = float("nan")
+            if p["cnull"]:
+                d["null"] = torch.stack(p["cnull"]).nan_to_num(float("-inf")).amax(0)
+                d["null"][torch.isinf(d["null"])] = float("nan")
         out[(a, b)] = d
     return out
 
@@ -96,7 +106,7 @@ def finalize(run: RunDir, cfg: CorrelateConfig, models: list[LoadedModel], store
         sa = shapes[a]
         name_a = models[a].name
         partners = [b for (x, b) in dirs if x == a]
-        maxes, bases = [], []
+        maxes, bases, nulls = [], [], []
         for b in partners:
             d = dirs[(a, b)]
             top1 = d["topv"][:, 0].float()
@@ -122,6 +132,9 @@ def finalize(run: RunDir, cfg: CorrelateConfig, models: list[LoadedModel], store
                        "baseline_corr": base}
             if "rho" in d:
                 tensors["rho"] = d["rho"]
+            if "null" in d:
+                tensors["null_max_corr"] = d["null"].float()  # [R, N]: max over b rotated, per draw
+                nulls.append(d["null"].numpy())
             from ..io import save_tensors
 
             save_tensors(run.pairs_dir / pair_file_name(name_a, models[b].name), tensors,
@@ -149,6 +162,10 @@ def finalize(run: RunDir, cfg: CorrelateConfig, models: list[LoadedModel], store
         })
         for col in ("best_partner_corr", "best_baseline_corr"):
             df.loc[np.isinf(df[col]), col] = np.nan
+        if nulls:
+            for col, v in calibrated_columns(max_corr.numpy(), nulls, df["layer"].to_numpy(),
+                                             cfg.fdr).items():
+                df[col] = v
         if ceiling is not None:
             df["ceiling_corr"] = ceiling.float().numpy()
             # how much of the excess a perfect copy could reach is 1 - ceiling
@@ -159,6 +176,9 @@ def finalize(run: RunDir, cfg: CorrelateConfig, models: list[LoadedModel], store
             row = {"model": name_a, "layer": layer, "neurons": len(sub),
                    "universal": int(sub.is_universal.sum()),
                    "universal_share": float(sub.is_universal.mean()),
+                   **({"universal_calibrated": int(sub.is_universal_calibrated.sum()),
+                       "universal_calibrated_share": float(sub.is_universal_calibrated.mean())}
+                      if nulls else {}),
                    "mean_max_corr": float(sub.max_corr.mean()),
                    "mean_baseline_corr": float(sub.baseline_corr.mean()),
                    "mean_excess_corr": float(sub.excess_corr.mean()),
@@ -178,6 +198,12 @@ def finalize(run: RunDir, cfg: CorrelateConfig, models: list[LoadedModel], store
     run.write_table("matches", pd.concat(match_rows, ignore_index=True))
     layers = pd.DataFrame(layer_rows)
     run.write_table("layers", layers)
+    if cfg.split_half:
+        from .splithalf import split_half_table
+
+        run.write_table("split_half", split_half_table(cfg, models, shapes, plan, res, layercov))
+    elif run.has_table("split_half"):  # of an earlier run without --split-half
+        run.table_path("split_half").unlink()
     run.update_manifest(
         versions=package_versions(),
         models=[{"spec": m.name, "location": m.spec.location, "revision": m.spec.revision,

@@ -40,7 +40,9 @@ def parse_model_spec(spec: str) -> ModelSpec:
     if not s:
         raise UnineuronsError("empty model spec; give a folder or HUB_ID[@REVISION]")
     if Path(s).is_dir():
-        return ModelSpec(spec=str(spec), location=s, revision=None, local=True)
+        # absolute: runs record the location and are reopened from other folders
+        return ModelSpec(spec=str(spec), location=str(Path(s).expanduser().absolute()),
+                         revision=None, local=True)
     location, _, revision = s.partition("@")
     if s.startswith((".", "/", "~")) or not location:
         raise UnineuronsError(f"model folder {s} does not exist")

@@ -6,7 +6,10 @@
 
 from typing import Any
 
+from .._stage import make_callable
 from .build import ReportConfig, ReportResult, build_report
+
+make_callable(__name__)  # unineurons.report(RUN, ...) runs unineurons.api.report
 
 __all__ = ["ReportConfig", "ReportResult", "build_report", "make_figures", "FigureResult",
            "SkippedFigure", "FIGURES"]

@@ -31,7 +31,7 @@ __all__ = ["ReportConfig", "ReportResult", "build_report"]
 class ReportConfig(BaseModel):
     """What the report draws and embeds."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     figures: bool = Field(True, description="Draw the figures into RUN/figures.")
     browser: bool = Field(True, description="Embed the neuron browser (table and neuron pages).")

@@ -162,7 +162,8 @@ def make_figures(run: RunDir, formats: Sequence[str] = ("png", "svg"), dpi: int 
     the figure functions (e.g. ``vocab_neuron``, ``models``, ``device``); ``dynamics`` is a
     separate run directory of ``unineurons dynamics`` whose tables are drawn too.
     """
-    from . import plots_corr, plots_dynamics, plots_effects  # noqa: F401  (register the figures)
+    # importing the plot modules registers their figures
+    from . import plots_corr, plots_dynamics, plots_effects, plots_similarity  # noqa: F401
 
     tables = Tables(run, dynamics)
     out_dir = run.figures_dir
@@ -199,6 +200,7 @@ _MAKERS = {
     "ablations": "ablate", "interventions": "intervene", "emergence": "dynamics",
     "persistence": "dynamics", "trajectories": "dynamics",
     "dynamics_ablations": "dynamics --ablate",
+    "layer_similarity": "correlate", "partner_kinds": "correlate",
 }
 
 

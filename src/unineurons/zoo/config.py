@@ -15,12 +15,15 @@ Presets (see the tuning notes at :data:`PRESETS` and ``benchmarks/zoo_presets.py
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from ..errors import UnineuronsError
 
-__all__ = ["ZooConfig", "PRESETS", "lr_at"]
+__all__ = ["ZooConfig", "PRESETS", "lr_at", "Member", "member_name", "member_seeds",
+           "grid_members", "check_members", "parse_pairs"]
 
 
 @dataclass(frozen=True)
@@ -153,3 +156,84 @@ PRESETS: dict[str, ZooConfig] = {
         lr=2e-3, batch_size=32, steps=4000, log_every=20, eval_every=250, eval_contexts=256,
     ),
 }
+
+
+# ---- members: a plain seed, or an (init seed, data seed) pair of a seed grid ------------------
+
+#: A zoo member: an int seed (``seed{S}``: the same seed sets the initial weights and the data
+#: order) or a grid member's name ``init{I}-data{D}`` (initial weights from seed I, data order
+#: from seed D).
+Member = int | str
+
+_GRID = re.compile(r"init(\d+)-data(\d+)")
+
+
+def member_name(member: Member) -> str:
+    """The member's folder name in its zoo: ``seed{S}`` or ``init{I}-data{D}``."""
+    return f"seed{member}" if isinstance(member, int) else str(member)
+
+
+def member_seeds(member: Member) -> tuple[int, int]:
+    """``(init_seed, data_seed)`` of a member; a plain seed S is ``(S, S)``."""
+    if isinstance(member, int) and not isinstance(member, bool):
+        return member, member
+    m = _GRID.fullmatch(str(member))
+    if not m:
+        raise UnineuronsError(f"zoo member {member!r} is neither a seed nor init<I>-data<D>")
+    return int(m.group(1)), int(m.group(2))
+
+
+def grid_members(init_seeds: Sequence[int], data_seeds: Sequence[int],
+                 pairs: Iterable[tuple[int, int]] | None = None) -> list[str]:
+    """Members ``init{I}-data{D}`` of the grid ``init_seeds x data_seeds`` (every pair), or of
+    only ``pairs`` (each pair's seeds must be among the given ones). Errors are one line."""
+    for what, seeds in (("--init-seeds", init_seeds), ("--data-seeds", data_seeds)):
+        if not seeds:
+            raise UnineuronsError(f"{what} is empty; give comma-separated seeds, e.g. 0,1,2")
+        for s in seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**32:
+                raise UnineuronsError(f"{what}: {s!r} is not a seed (0 <= seed < 2**32)")
+        dup = sorted({s for s in seeds if list(seeds).count(s) > 1})
+        if dup:
+            raise UnineuronsError(f"{what}: seed {dup[0]} is given twice")
+    if pairs is None:
+        pairs = [(i, d) for i in init_seeds for d in data_seeds]
+    out = []
+    for i, d in pairs:
+        if i not in init_seeds or d not in data_seeds:
+            raise UnineuronsError(f"--grid-pairs: {i}:{d} is not in --init-seeds x --data-seeds")
+        name = f"init{i}-data{d}"
+        if name in out:
+            raise UnineuronsError(f"--grid-pairs: {i}:{d} is given twice")
+        out.append(name)
+    return out
+
+
+def check_members(members: Iterable[Any]) -> list[Member]:
+    """Validated members, all plain seeds or all grid members (a zoo holds one kind: their
+    folder names and resume states differ). Errors are one line."""
+    out: list[Member] = []
+    for m in members:
+        if isinstance(m, bool):
+            raise UnineuronsError(f"seeds: {m!r} is not an integer")
+        if isinstance(m, int):
+            if not 0 <= m < 2**32:
+                raise UnineuronsError(f"--seeds: seed {m} is out of range; use 0 <= seed < 2**32")
+        else:
+            member_seeds(m)
+        out.append(m)
+    if len({isinstance(m, int) for m in out}) > 1:
+        raise UnineuronsError("a zoo holds either plain seeds (--seeds) or a seed grid "
+                              "(--init-seeds/--data-seeds), not both; use another --out")
+    return out
+
+
+def parse_pairs(text: str) -> list[tuple[int, int]]:
+    """``"0:0,0:1,1:0"`` -> ``[(0, 0), (0, 1), (1, 0)]`` (init seed : data seed)."""
+    out = []
+    for item in (t.strip() for t in str(text).split(",")):
+        m = re.fullmatch(r"(\d+):(\d+)", item)
+        if not m:
+            raise UnineuronsError(f"--grid-pairs: {item!r} is not INIT:DATA; give e.g. 0:0,0:1,1:0")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return out

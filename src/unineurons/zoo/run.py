@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import UnineuronsError
 from ..io import MARKER, prepare_out_dir, read_json, write_json
 from ..progress import progress
-from .config import ZooConfig
+from .config import ZooConfig, check_members, member_name, member_seeds
 from .train import ZooSpec, seed_dir, train_seed
 
 __all__ = ["train_zoo", "zoo_checkpoints", "zoo_info", "parse_int_list", "default_checkpoints",
@@ -76,15 +76,12 @@ def _check_ints(values: Iterable[Any], what: str) -> list[int]:
 
 def _validate_run(seeds: Sequence[int], steps: int, checkpoints: Sequence[int] | None
                   ) -> tuple[list[int], tuple[int, ...]]:
-    seeds = _check_ints(seeds, "seeds")
+    seeds = check_members(seeds)  # plain seeds, or grid members init{I}-data{D}
     if not seeds:
         raise UnineuronsError("--seeds is empty; give at least one seed, e.g. 0,1,2,3,4")
     dup = sorted({s for s in seeds if seeds.count(s) > 1})
     if dup:
         raise UnineuronsError(f"--seeds: seed {dup[0]} is given twice; each seed trains one model")
-    bad = [s for s in seeds if not 0 <= s < 2**32]
-    if bad:
-        raise UnineuronsError(f"--seeds: seed {bad[0]} is out of range; use 0 <= seed < 2**32")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
         raise UnineuronsError(f"--steps must be a positive integer, got {steps!r}")
     if checkpoints is None:
@@ -141,9 +138,8 @@ def _plan(tokens: str | os.PathLike, out: str | os.PathLike, cfg: ZooConfig, ste
         if hs.n_contexts == 0:
             raise UnineuronsError(f"--heldout {heldout}: the token store is empty")
         held_sha = hs.sha256
-    # The manifest keeps the path as it was given; pin it down for workers and zoo.json.
-    tok_path = Path(tok_info["path"])
-    tok_path = str(tok_path.resolve()) if tok_path.is_dir() else str(tok_info["path"])
+    # absolute for workers and zoo.json; a moved local folder is an error, never a hub id
+    tok_path = store.tokenizer_path
     tokenizer = load_tokenizer(tok_path)
     spec = ZooSpec(
         config=cfg, steps=steps, checkpoints=checkpoints, out=str(Path(out).resolve()),
@@ -194,6 +190,12 @@ def train_zoo(tokens: str | os.PathLike, out: str | os.PathLike, preset: str = "
                                 or workers <= 0):
         raise UnineuronsError(f"--workers must be a positive integer, got {workers!r}")
     spec, body, tokenizer = _plan(tokens, out, cfg, steps, ckpts, heldout)
+    n_workers = min(len(seeds), os.cpu_count() or 1) if workers is None else workers
+    from ..checks import check_memory
+
+    check_memory(min(n_workers, len(seeds)) * train_memory_bytes(cfg, spec.ctx, spec.vocab_size),
+                 f"zoo train (batch {cfg.batch_size} x ctx {spec.ctx}, "
+                 f"{min(n_workers, len(seeds))} worker(s))", "lower --batch-size or --workers")
 
     out = Path(out)
     zoo_json = out / "zoo.json"
@@ -206,12 +208,14 @@ def train_zoo(tokens: str | os.PathLike, out: str | os.PathLike, preset: str = "
                 f"output folder {out} holds a zoo trained with other settings ({', '.join(diff)} "
                 "differ); rerun with the same settings to resume it, or choose another --out"
             )
+    all_seeds = sorted(set(check_members(list(seeds) + list(old["seeds"] if old else ()))))
     prepare_out_dir(out, "zoo")
-    all_seeds = sorted(set(seeds) | set(old["seeds"] if old else ()))
     write_json(zoo_json, {**body, "seeds": all_seeds, "versions": _versions()})
 
+    for s in seeds:  # each member's seeds, read by correlate's partner kinds
+        init, data = member_seeds(s)
+        write_json(out / member_name(s) / "member.json", {"init_seed": init, "data_seed": data})
     todo = [s for s in seeds if not _finished(spec, s)]
-    n_workers = min(len(seeds), os.cpu_count() or 1) if workers is None else workers
     n_workers = min(n_workers, len(todo))
     with progress(f"zoo {cfg.preset} x{len(seeds)}", total=len(seeds) * steps,
                   unit="steps") as bar:
@@ -221,6 +225,19 @@ def train_zoo(tokens: str | os.PathLike, out: str | os.PathLike, preset: str = "
         elif n_workers > 1:
             _train_parallel(spec, todo, n_workers, bar.advance)
     return out
+
+
+def train_memory_bytes(cfg: ZooConfig, ctx: int, vocab_size: int) -> int:
+    """Estimated peak bytes of training one model of ``cfg`` (one worker), float32: weights,
+    gradients and both AdamW moments (16 bytes per parameter), the activations kept for the
+    backward pass (per token and layer about 34·d_model + 2·n_inner values and n_head·ctx
+    attention probabilities, twice for their gradients; Korthikanti et al. 2022) and the
+    logits with their softmax and gradient (3 · vocab values per token)."""
+    d, inner, layers, heads = cfg.n_embd, cfg.n_inner, cfg.n_layer, cfg.n_head
+    params = layers * (4 * d * d + 2 * d * inner) + (vocab_size + ctx) * d
+    tokens = cfg.batch_size * ctx
+    acts = tokens * layers * (34 * d + 2 * inner + 2 * heads * ctx) * 4 * 2
+    return int(16 * params + acts + tokens * vocab_size * 4 * 3)
 
 
 def _finished(spec: ZooSpec, seed: int) -> bool:
@@ -355,22 +372,46 @@ def zoo_checkpoints(zoo_dir: str | os.PathLike) -> dict[int, dict[int, Path]]:
 
 
 def zoo_info(zoo_dir: str | os.PathLike) -> dict[str, Any]:
-    """zoo.json plus, per seed, its checkpoints and its last logged losses."""
+    """zoo.json plus, per seed, its checkpoints and its last logged losses; ``notes`` says
+    which metrics files could not be read (wholly or in part)."""
     z = _open_zoo(zoo_dir)
     ckpts = zoo_checkpoints(zoo_dir)
     per_seed = {}
+    notes: list[str] = []
     for seed in sorted(z["seeds"]):
-        rows = []
         mpath = seed_dir(zoo_dir, seed) / "metrics.jsonl"
-        if mpath.is_file():
-            with contextlib.suppress(json.JSONDecodeError):  # a row cut off by a kill
-                rows = [json.loads(line) for line in mpath.read_text().splitlines() if line]
+        rows, bad = _metrics_rows(mpath)
+        if bad:
+            notes.append(f"seed {seed}: {mpath} has {len(bad)} unreadable line(s) (first: line "
+                         f"{bad[0]}); its losses and step are from the lines that could be read"
+                         + ("" if rows else " (none): the step shown is its last checkpoint's"))
         held = [r for r in rows if "heldout_loss" in r]
         per_seed[seed] = {
             "checkpoints": sorted(ckpts[seed]),
-            "step": rows[-1]["step"] if rows else 0,
+            "step": rows[-1]["step"] if rows else max(ckpts[seed], default=0),
             "train_loss": rows[-1]["train_loss"] if rows else None,
             "heldout_loss": held[-1]["heldout_loss"] if held else None,
             "elapsed_s": rows[-1]["elapsed_s"] if rows else None,
         }
-    return {**z, "per_seed": per_seed}
+    return {**z, "per_seed": per_seed, "notes": notes}
+
+
+def _metrics_rows(path: Path) -> tuple[list[dict], list[int]]:
+    """The rows of a seed's metrics.jsonl (dicts with a step and a train loss) and the numbers
+    of the lines that are not; a last line cut off by a kill is not counted as damage."""
+    if not path.is_file():
+        return [], []
+    lines = path.read_bytes().split(b"\n")
+    rows, bad = [], []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line.decode("utf-8"))
+            if not (isinstance(r, dict) and "step" in r and "train_loss" in r):
+                raise ValueError
+            rows.append(r)
+        except ValueError:  # JSON and UTF-8 decoding errors are ValueErrors
+            if i < len(lines) or not line.strip().startswith(b"{"):
+                bad.append(i)
+    return rows, bad

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import UnineuronsError
 from ..io import load_tensors, read_json, save_tensors, write_json
-from .config import ZooConfig, lr_at
+from .config import ZooConfig, lr_at, member_name, member_seeds
 
 __all__ = ["ZooSpec", "build_model", "batch_rows", "train_seed", "seed_dir", "RESUME_FORMAT"]
 
@@ -70,8 +70,8 @@ class ZooSpec:
 
 
 def seed_dir(out: str | os.PathLike, seed: int) -> Path:
-    """The folder of one seed in a zoo."""
-    return Path(out) / f"seed{seed}"
+    """The folder of one seed in a zoo (``seed{S}``; a grid member's ``init{I}-data{D}``)."""
+    return Path(out) / member_name(seed)
 
 
 def build_model(spec: ZooSpec, seed: int) -> torch.nn.Module:
@@ -89,7 +89,7 @@ def build_model(spec: ZooSpec, seed: int) -> torch.nn.Module:
         bos_token_id=spec.special.get("bos_id"), eos_token_id=spec.special.get("eos_id"),
         pad_token_id=spec.special.get("pad_id"),
     )
-    torch.manual_seed(seed)
+    torch.manual_seed(member_seeds(seed)[0])  # a grid member's init seed
     model = GPT2LMHeadModel(config)
     return model
 
@@ -187,6 +187,21 @@ def _load_state(sdir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
     path = sdir / "resume" / "state.json"
     if not path.is_file():
         return None
+    try:
+        return _restore(path, sdir, model, opt, fingerprint)
+    except (UnineuronsError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        if isinstance(e, UnineuronsError) and "delete " + str(sdir) in str(e):
+            raise  # an older format or other settings: its own message
+        raise UnineuronsError(
+            f"the resume state in {sdir / 'resume'} is damaged ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200] if str(e) else ''}); delete the folder "
+            f"{sdir / 'resume'} and rerun: that seed trains again from step 0"
+        ) from None
+
+
+def _restore(path: Path, sdir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
+             fingerprint: str) -> dict:
+    """:func:`_load_state` on an existing ``resume/state.json``."""
     state = read_json(path, "resume state")
     if state.get("format") != RESUME_FORMAT:
         raise UnineuronsError(
@@ -277,7 +292,7 @@ def train_seed(spec: ZooSpec, seed: int, tokenizer: Any = None,
     if report is not None and start:
         report(start)
 
-    order = _Order(seed, store.n_contexts, cfg.batch_size)
+    order = _Order(member_seeds(seed)[1], store.n_contexts, cfg.batch_size)  # its data seed
     ckpts = set(spec.checkpoints)
     tokens_per_step = cfg.batch_size * spec.ctx
     loss_sum, loss_n, step_time = 0.0, 0, 0.0  # since the last metrics row
@@ -314,7 +329,9 @@ def train_seed(spec: ZooSpec, seed: int, tokenizer: Any = None,
             loss_sum, loss_n, step_time = 0.0, 0, 0.0
         if done in ckpts:
             _save_checkpoint(sdir, done, model, tokenizer, {"seed": seed, **last,
-                                                           "preset": cfg.preset})
+                                                           "preset": cfg.preset,
+                                                           "init_seed": member_seeds(seed)[0],
+                                                           "data_seed": member_seeds(seed)[1]})
             _save_state(sdir, done, model, opt, {
                 "elapsed_s": base_elapsed + time.perf_counter() - run_t0,
                 "metrics_bytes": metrics.stat().st_size, "fingerprint": spec.fingerprint})

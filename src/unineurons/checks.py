@@ -1,0 +1,241 @@
+"""The one check that a token store and models belong together, used by every command that
+streams a store through models (correlate, analyze, ablate, intervene, dynamics, zoo train).
+
+A store built with another tokenizer gives token ids that mean other words to the model: every
+number computed from it is meaningless, yet nothing crashes. A store whose contexts are longer
+than the model's positions indexes past its position embeddings. Weights holding NaN or inf
+make every activation NaN. All three are refused here, before any output is written, with one
+line that names the store, the model and the fix.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UnineuronsError
+
+__all__ = ["check_store_models", "model_positions", "check_finite_weights", "offline_if_unreachable",
+           "resolve_path"]
+
+
+def model_positions(model: torch.nn.Module) -> int | None:
+    """Positions the model can embed (GPT-2 ``n_positions``, GPT-NeoX / Llama
+    ``max_position_embeddings``); None when its config does not say."""
+    cfg = getattr(model, "config", None)
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_finite_weights(name: str, model: torch.nn.Module) -> None:
+    """Refuse a model whose parameters or buffers hold NaN or inf (a broken checkpoint)."""
+    for key, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UnineuronsError(
+                f"model {name}: weight {key} holds NaN or inf values; the checkpoint is broken: "
+                "use another checkpoint or retrain it"
+            )
+
+
+def _tokenizer_of(m: Any) -> Any | None:
+    """The model's tokenizer: loaded with it, or from its local folder; None when the folder
+    has no tokenizer files (transformers may then make up a default tokenizer for the
+    architecture, which says nothing about this model) or a hub model was loaded without one
+    (not looked up: no network)."""
+    spec = m.spec
+    if spec.local:
+        folder = Path(spec.location)
+        if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                    "vocab.json", "tokenizer.model")):
+            return None
+    if getattr(m, "tokenizer", None) is not None:
+        return m.tokenizer
+    if not spec.local:
+        return None
+    from .models.load import load_tokenizer
+
+    try:
+        return load_tokenizer(spec)
+    except UnineuronsError:
+        return None
+
+
+def note(message: str) -> None:
+    """A line on stderr that a check chose a fallback (not an error)."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def check_store_models(models: Sequence[Any], special: dict, ctx: int,
+                       store: str | Path | None = None) -> list[str]:
+    """Refuse ``models`` (:class:`~unineurons.models.load.LoadedModel`) that cannot read the
+    token store described by ``special`` (its manifest's ``tokenizer`` section) and ``ctx``.
+
+    Checks, in order: the models share one tokenizer; each model's tokenizer (loaded with it,
+    or from its folder) is the store's (same vocabulary fingerprint); the store's vocabulary
+    fits each model's embedding; ``ctx`` fits each model's positions; weights are finite. A
+    model folder without tokenizer files falls back to the store's tokenizer (vocabulary size
+    checked) and a note says so. Returns the notes.
+
+    Raises:
+        UnineuronsError: naming the store, the model and the fix.
+    """
+    from .models.load import vocab_fingerprint
+
+    where = f"token store {store}" if store is not None else "the token store"
+    notes: list[str] = []
+    fps: dict[str, str] = {}
+    for m in models:
+        tok = _tokenizer_of(m)
+        if tok is None:
+            if m.spec.local:
+                notes.append(f"model {m.name} has no tokenizer files; using {where}'s tokenizer "
+                             f"(vocabulary {special.get('vocab_size')}) for it")
+            continue
+        fps[m.name] = vocab_fingerprint(tok)
+    if len(set(fps.values())) > 1:
+        raise UnineuronsError(
+            f"models {', '.join(fps)} have different tokenizers; universality compares neurons "
+            "on the same tokens, so every model must share one tokenizer"
+        )
+    want = special.get("vocab_sha256")
+    for name, fp in fps.items():
+        if want is not None and fp != want:
+            raise UnineuronsError(
+                f"{where} was built with another tokenizer than model {name}'s ({special.get('path')}"
+                f", vocabulary {special.get('vocab_size')}); its token ids mean other words to the "
+                "model: build a store with the model's tokenizer (`unineurons tokens build "
+                "--tokenizer MODEL_FOLDER`) or pass one with --tokens"
+            )
+    for m in models:
+        vocab = m.adapter.vocab_size
+        if special.get("vocab_size") is not None and vocab < int(special["vocab_size"]):
+            raise UnineuronsError(
+                f"model {m.name}: vocabulary of {vocab} is smaller than {where}'s tokenizer "
+                f"({special['vocab_size']}); build a store with the model's tokenizer or pass one "
+                "with --tokens"
+            )
+        positions = model_positions(m.model)
+        if positions is not None and ctx > positions:
+            raise UnineuronsError(
+                f"{where} has contexts of {ctx} tokens but model {m.name} has only {positions} "
+                f"positions; build a store with --ctx {positions} (or less) for it"
+            )
+        check_finite_weights(m.name, m.model)
+    for n in notes:
+        note(n)
+    return notes
+
+
+def offline_if_unreachable(host: str = "huggingface.co", timeout: float = 1.0) -> bool:
+    """Switch the Hugging Face libraries to offline mode when the hub cannot be reached, so a
+    hub lookup (a model or tokenizer that is not a local folder) fails at once from the cache
+    instead of after half a minute of network retries. Respects ``HF_HUB_OFFLINE`` when set
+    (either way). Returns whether offline mode is on."""
+    import os
+    import socket
+
+    flag = os.environ.get("HF_HUB_OFFLINE")
+    if flag is not None:
+        return flag.strip().lower() not in ("", "0", "false", "no")
+    endpoint = os.environ.get("HF_ENDPOINT", "")
+    if endpoint:
+        from urllib.parse import urlparse
+
+        host = urlparse(endpoint).hostname or host
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return False
+    except OSError:
+        pass
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:  # read at call time by huggingface_hub (and transformers through it)
+        import huggingface_hub.constants as hf_constants
+
+        hf_constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+    return True
+
+
+def resolve_path(recorded: str | Path, anchor: Path | None = None) -> Path | None:
+    """Where a path recorded in a manifest is now: itself when absolute (or found from the
+    working directory), else relative to ``anchor`` (the folder holding the manifest) or one
+    of its parents, which is where a relative path was usually made from. None: not found."""
+    p = Path(recorded).expanduser()
+    if p.exists() or p.is_absolute():
+        return p.absolute() if p.exists() else None
+    for base in ([anchor, *anchor.absolute().parents] if anchor is not None else []):
+        if (base / p).exists():
+            return (base / p).absolute()
+    return None
+
+
+def run_model_source(entry: dict) -> str:
+    """What to load for a run's model entry (``spec``, ``location``): the folder it was made
+    from (recorded absolute), the spec when that is a folder from here, or the hub id.
+
+    Raises :class:`UnineuronsError` when the model was a local folder that is gone: it is
+    never looked up on the hub instead."""
+    spec, loc = str(entry["spec"]), entry.get("location")
+    if loc and Path(loc).is_absolute():
+        if Path(loc).is_dir():
+            return loc
+        raise UnineuronsError(
+            f"model {spec}: the run was made from the folder {loc}, which no longer exists (moved "
+            "or deleted); put it back there (its weights' sha256 is checked)"
+        )
+    if Path(spec).expanduser().is_dir():
+        return spec
+    if spec.startswith((".", "/", "~")) or (loc and Path(loc) != Path(spec.partition("@")[0])):
+        raise UnineuronsError(
+            f"model {spec}: the run recorded a local folder that does not exist from "
+            f"{Path.cwd()}; run the command from the folder the run was made in"
+        )
+    return spec
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation now (Linux ``MemAvailable``, else the
+    free physical pages); None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(need_bytes: int, what: str, fix: str) -> None:
+    """Refuse to start work whose estimated peak ``need_bytes`` exceeds the available memory
+    (the kernel would kill the process half-way, with no message)."""
+    have = available_memory()
+    if have is not None and need_bytes > have:
+        raise UnineuronsError(f"{what} needs about {need_bytes / 1e9:,.1f} GB of memory, "
+                              f"{have / 1e9:,.1f} GB are available; {fix}")
+
+
+def check_plan_memory(peak_bytes: int, device: str) -> None:
+    """Refuse a memory plan whose estimated peak exceeds what the device has free now: host
+    memory for ``cpu``, the GPU's free memory for ``cuda[:i]``."""
+    fix = "lower --memory-budget (more passes) or --batch-size"
+    if device.startswith("cuda"):
+        if torch.cuda.is_available():
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            if peak_bytes > free:
+                raise UnineuronsError(f"the plan needs about {peak_bytes / 1e9:,.1f} GB on {device}, "
+                                      f"{free / 1e9:,.1f} GB are free there; {fix}")
+        return
+    check_memory(peak_bytes, "the plan", fix)
