@@ -10,7 +10,11 @@ store and five random GPT-2s of the zoo's ``tiny`` shape (2 layers, d_model 128,
 (b) whole run: ``run_correlate`` against the forward passes alone on the same tokens, and
     against forward passes + the bare GEMMs the statistics need (the roofline of any method).
 (c) anchor: the authors' algorithm (every pair run separately; per-layer-pair fp32 products
-    and sums added into float64 host arrays every batch; ρ from Σxy − ΣxΣy/n) against ours.
+    and sums added into float64 host arrays every batch; ρ from Σxy − ΣxΣy/n) against ours;
+    then on the same outputs: per pair one pass for ρ and one for the rotated baseline, each
+    running both models (all pairs: one ρ pass per unordered pair, a baseline pass per
+    direction), for reference vs rest and for all pairs, against ours
+    (one pass, each model once per batch, analytic baseline) with --pairs reference / all.
 (d) scaling: the same run on 1x, 2x, 4x ``--scale-tokens`` tokens (models loaded once); the
     ratio to 1x should be 1, 2, 4 (fixed costs: planning, rotations, the tables).
 (e) Ray: ``--backend ray`` with 1 and 2 local workers (one thread each) on ``--n-tokens``,
@@ -115,32 +119,60 @@ def gemm_roofline(models, store, n_tokens, batch_size) -> float:
     return time.perf_counter() - t0
 
 
-def anchor(models, store, n_tokens, batch_size) -> float:
-    """The anchor's algorithm: each pair separately; per-layer-pair host float64 sums."""
-    t0 = time.perf_counter()
-    ref = models[0]
+def _anchor_pass(ref, other, store, n_tokens, batch_size, rot: list | None) -> np.ndarray:
+    """One anchor pass over the tokens for one pair, running both models: per-layer-pair fp32
+    products and sums added into float64 host arrays every batch; ρ from Σxy − ΣxΣy/n; each
+    of ref's neurons' max over the partner. ``rot``: the partner's activations rotated per
+    layer first (the anchor's random-rotation baseline, a pass of its own)."""
     L, d = ref.adapter.n_layers, ref.adapter.d_mlp
-    for other in models[1:]:
-        sxy = np.zeros((L, L, d, d))
-        sx, sy, sxx, syy, n = np.zeros((L, d)), np.zeros((L, d)), np.zeros((L, d)), np.zeros((L, d)), 0
-        for b in activation_stream([ref, other], store.contexts(n_tokens), store.manifest["tokenizer"],
-                                   batch_size=batch_size):
-            xa = b.acts[0].reshape(-1, L, d)
-            xb = b.acts[1].reshape(-1, L, d)
-            n += xa.shape[0]
-            for la in range(L):
-                sx[la] += xa[:, la].sum(0).double().numpy()
-                sxx[la] += (xa[:, la] ** 2).sum(0).double().numpy()
-                sy[la] += xb[:, la].sum(0).double().numpy()
-                syy[la] += (xb[:, la] ** 2).sum(0).double().numpy()
-                for lb in range(L):
-                    sxy[la, lb] += (xa[:, la].T @ xb[:, lb]).double().numpy()
-        cov = sxy / n - np.einsum("ai,bj->abij", sx, sy) / n**2
-        std_x = np.sqrt(sxx / n - (sx / n) ** 2)
-        std_y = np.sqrt(syy / n - (sy / n) ** 2)
-        rho = cov / np.einsum("ai,bj->abij", std_x, std_y)
-        rho.max(axis=(1, 3))
-    return time.perf_counter() - t0
+    sxy = np.zeros((L, L, d, d))
+    sx, sy, sxx, syy, n = np.zeros((L, d)), np.zeros((L, d)), np.zeros((L, d)), np.zeros((L, d)), 0
+    for b in activation_stream([ref, other], store.contexts(n_tokens), store.manifest["tokenizer"],
+                               batch_size=batch_size):
+        xa = b.acts[0].reshape(-1, L, d)
+        xb = b.acts[1].reshape(-1, L, d)
+        if rot is not None:
+            xb = torch.stack([xb[:, lb] @ rot[lb] for lb in range(L)], 1)
+        n += xa.shape[0]
+        for la in range(L):
+            sx[la] += xa[:, la].sum(0).double().numpy()
+            sxx[la] += (xa[:, la] ** 2).sum(0).double().numpy()
+            sy[la] += xb[:, la].sum(0).double().numpy()
+            syy[la] += (xb[:, la] ** 2).sum(0).double().numpy()
+            for lb in range(L):
+                sxy[la, lb] += (xa[:, la].T @ xb[:, lb]).double().numpy()
+    cov = sxy / n - np.einsum("ai,bj->abij", sx, sy) / n**2
+    std_x = np.sqrt(sxx / n - (sx / n) ** 2)
+    std_y = np.sqrt(syy / n - (sy / n) ** 2)
+    rho = cov / np.einsum("ai,bj->abij", std_x, std_y)
+    return rho.max(axis=(1, 3))
+
+
+def anchor(models, store, n_tokens, batch_size, pairs: str = "reference", baseline: bool = False,
+           cpu: bool = False) -> float:
+    """The anchor's algorithm: each ordered pair separately (``reference``: model 0 against
+    each other; ``all``: every model against every other), one pass for ρ and, with
+    ``baseline``, one more for the rotated partner, each pass running both models. Wall
+    seconds, or with ``cpu`` this process's CPU seconds (all threads; on a shared machine they
+    do not count waiting for a core)."""
+    from unineurons.correlate.rotation import random_orthogonal
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    n_models = len(models)
+    # ρ of an unordered pair serves both directions (max over rows and over columns); each
+    # direction's baseline rotates the partner: a pass of its own
+    rho_pairs = [(0, j) for j in range(1, n_models)] if pairs == "reference" else \
+        [(i, j) for i in range(n_models) for j in range(i + 1, n_models)]
+    base_pairs = [(0, j) for j in range(1, n_models)] if pairs == "reference" else \
+        [(i, j) for i in range(n_models) for j in range(n_models) if i != j]
+    L, d = models[0].adapter.n_layers, models[0].adapter.d_mlp
+    for i, j in rho_pairs:
+        _anchor_pass(models[i], models[j], store, n_tokens, batch_size, None)
+    for i, j in base_pairs if baseline else ():
+        g = torch.Generator().manual_seed(j)
+        _anchor_pass(models[i], models[j], store, n_tokens, batch_size,
+                     [random_orthogonal(d, g).float() for _ in range(L)])
+    return time.process_time() - c0 if cpu else time.perf_counter() - t0
 
 
 def bench_scaling(paths, models, tokens, base: int, batch_size: int, tmp: Path) -> list[tuple[float, float]]:
@@ -335,12 +367,29 @@ def main() -> None:
                                           batch_size=args.batch_size, checkpoint_tokens=10**12), tmp / "run")
             ours, ours_cpu = time.perf_counter() - t0, time.process_time() - c0
             anc = anchor(models, store, args.n_tokens, args.batch_size) if "c" not in skip else float("nan")
+            if "c" not in skip:  # the same outputs: ρ and the rotated baseline, both pair modes
+                # CPU seconds: on a shared machine wall time mostly measures the neighbours
+                anc_ref = anchor(models, store, args.n_tokens, args.batch_size, "reference", True, cpu=True)
+                c0 = time.process_time()
+                run_correlate(CorrelateConfig(models=paths, tokens=tokens, n_tokens=args.n_tokens, pairs="all",
+                                              batch_size=args.batch_size, checkpoint_tokens=10**12),
+                              tmp / "run_all", models=models)
+                ours_all = time.process_time() - c0
+                anc_all = anchor(models, store, args.n_tokens, args.batch_size, "all", True, cpu=True)
             rows.append(("(b) correlate run, 5 models", f"{ours:.2f} s ({tok / ours:,.0f} tok/s)",
                          f"forward passes alone {fwd:.2f} s", f"{ours / fwd:.2f}x"))
             rows.append(("(b) vs forward + needed GEMMs", f"{ours:.2f} s", f"roofline {roof:.2f} s",
                          f"{ours / roof:.2f}x"))
             rows.append(("(c) anchor algorithm, 4 pairs", f"{anc:.2f} s (no baseline, no ceiling)",
                          f"ours {ours:.2f} s (with baseline + ceiling)", f"{anc / ours:.2f}x faster"))
+            if "c" not in skip:
+                n_m = len(models)
+                rows.append((f"(c) anchor, ref vs rest: {n_m - 1} ρ + {n_m - 1} baseline passes",
+                             f"CPU {anc_ref:.2f} s", f"ours CPU {ours_cpu:.2f} s (one pass, ρ + baseline + ceiling)",
+                             f"{anc_ref / ours_cpu:.2f}x faster"))
+                rows.append((f"(c) anchor, all pairs: {n_m * (n_m - 1) // 2} ρ + {n_m * (n_m - 1)} baseline passes",
+                             f"CPU {anc_all:.2f} s", f"ours --pairs all CPU {ours_all:.2f} s (one pass)",
+                             f"{anc_all / ours_all:.2f}x faster"))
         if "d" not in skip:
             ts = bench_scaling(paths, models, tokens, args.scale_tokens, args.batch_size, tmp)
             for k, (wall, cpu) in zip((1, 2, 4), ts, strict=True):

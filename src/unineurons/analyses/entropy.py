@@ -34,6 +34,7 @@ import torch
 
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
+from ..progress import progress
 from ..stream import MaskConfig, token_mask
 from .interventions import evaluate_patches, make_patch
 from .vocab import folded_unembed, is_layernorm, out_directions, out_weight
@@ -125,15 +126,18 @@ def activation_scales(m: LoadedModel, contexts: np.ndarray, special: dict,
     dev = next(m.model.parameters()).device
     layers = sorted({layer for layer, _ in neurons})
     peak = {layer: torch.zeros(ad.d_mlp, device=dev) for layer in layers}
-    for b0 in range(0, contexts.shape[0], batch_size):
-        tokens = torch.from_numpy(np.asarray(contexts[b0:b0 + batch_size]).astype(np.int64))
-        keep = token_mask(tokens, special, MaskConfig()).to(dev)  # [B, T]
-        with ad.capture(layers) as store:
-            m.model(input_ids=tokens.to(dev), use_cache=False)
-        for layer in layers:
-            a = store[layer][keep].abs()  # [n, d_mlp]
-            if a.shape[0]:
-                peak[layer] = torch.maximum(peak[layer], a.amax(0).float())
+    with progress(f"activation scales of {m.name}", total=contexts.shape[0] * contexts.shape[1],
+                  unit="tokens") as bar:
+        for b0 in range(0, contexts.shape[0], batch_size):
+            tokens = torch.from_numpy(np.asarray(contexts[b0:b0 + batch_size]).astype(np.int64))
+            keep = token_mask(tokens, special, MaskConfig()).to(dev)  # [B, T]
+            with ad.capture(layers) as store:
+                m.model.base_model(input_ids=tokens.to(dev), use_cache=False)  # no vocabulary head
+            for layer in layers:
+                a = store[layer][keep].abs()  # [n, d_mlp]
+                if a.shape[0]:
+                    peak[layer] = torch.maximum(peak[layer], a.amax(0).float())
+            bar.advance(tokens.numel())
     return {(layer, i): float(peak[layer][i]) for layer, i in neurons}
 
 

@@ -36,6 +36,7 @@ from ..config import Device
 from ..errors import UnineuronsError
 from ..models.adapters import neuron_name, parse_neuron
 from ..models.load import LoadedModel, load_model
+from ..models.partial import record_block_inputs, restart_at
 from ..progress import progress
 
 __all__ = ["LMMetrics", "CONTEXT_COLUMNS", "CI_COLUMNS", "DEFAULT_BOOTSTRAP", "NeuronPatch",
@@ -279,6 +280,7 @@ def patch_metrics(m: LoadedModel, contexts: np.ndarray, special: dict,
                    for p in patches]
     clean = LMMetrics(ad.vocab_size, device)
     accs = [LMMetrics(ad.vocab_size, device) for _ in patches]
+    restarts = sorted({min(p) for p in patches if p and min(p) > 0})
     for b0 in range(start, contexts.shape[0], batch_size):
         tokens = torch.from_numpy(np.asarray(contexts[b0:b0 + batch_size]).astype(np.int64))
         if int(tokens.max()) >= ad.vocab_size:
@@ -291,11 +293,14 @@ def patch_metrics(m: LoadedModel, contexts: np.ndarray, special: dict,
         targets = tokens[:, 1:][valid]  # [n]
         ctx_ids = torch.arange(b0, b0 + tokens.shape[0], device=device)[:, None].expand_as(
             valid)[valid]  # [n]: each scored prediction's context, for the paired bootstrap
-        clean_logp, clean_scale = _forward(m, tokens, valid)
+        # the residual entering each patch's first layer, to restart there (models/partial.py)
+        with record_block_inputs(ad, restarts) as inputs:
+            clean_logp, clean_scale = _forward(m, tokens, valid)
         clean.update(clean_logp, targets, clean_scale, clean_logp, ctx_ids)
         advance(tokens.numel())
         for patch, acc in zip(dev_patches, accs, strict=True):
-            with ad.intervene(_patch_fn(patch), layers=sorted(patch)):
+            with ad.intervene(_patch_fn(patch), layers=sorted(patch)), \
+                    restart_at(ad, min(patch, default=0), inputs):
                 logp, scale = _forward(m, tokens, valid)
             acc.update(logp, targets, scale, clean_logp, ctx_ids)
             advance(tokens.numel())

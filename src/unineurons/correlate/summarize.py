@@ -147,7 +147,7 @@ def finalize(run: RunDir, cfg: CorrelateConfig, models: list[LoadedModel], store
         excess = max_corr - base_corr
         ceiling = res_ceiling(res, plan, a, sa)
         m2 = layercov[a].m2()
-        zero_var = (m2 / layercov[a].n) <= ZERO_VAR
+        zero_var = ((m2 / layercov[a].n) <= ZERO_VAR).cpu()  # layer covariances live on the run's device
         df = pd.DataFrame({
             "model": name_a,
             "layer": np.repeat(np.arange(sa.n_layers), sa.d_mlp),

@@ -1,0 +1,60 @@
+"""The float32 co-moment path (rank-2 terms in float32, one float64 pass per fold) against
+exact float64, on activations with large means, drifting means and long runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from unineurons.accumulators.comoments import CoMoments, sum64
+
+
+def _data(n_folds: int, fold: int, d: int, offset: float, drift: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_folds * fold, d, generator=g, dtype=torch.float64)
+    x = z * torch.logspace(-1, 1, d, dtype=torch.float64) + offset  # scales 0.1 .. 10
+    y = 0.7 * z.flip(1) + 0.3 * torch.randn(n_folds * fold, d, generator=g, dtype=torch.float64) - offset
+    # the means drift fold to fold by up to ``drift`` standard deviations
+    step = drift * torch.randn(n_folds, 1, d, generator=g, dtype=torch.float64)
+    x = (x.reshape(n_folds, fold, d) + step * x.std(0)).reshape(-1, d)
+    return x, y
+
+
+@pytest.mark.parametrize("offset,drift", [(0.0, 0.0), (1e3, 0.0), (1e4, 3.0), (-50.0, 20.0)])
+def test_float32_path_bounded_against_float64(offset, drift):
+    n_folds, fold, d = 300, 64, 24  # a long run of small folds
+    x, y = _data(n_folds, fold, d, offset, drift, seed=1)
+    acc = CoMoments(d, d, compute_dtype=torch.float32)
+    for i in range(n_folds):
+        sl = slice(i * fold, (i + 1) * fold)
+        acc.update(x[sl].float(), y[sl].float())
+    xf, yf = x.float().double(), y.float().double()  # the float32 inputs, exactly
+    xc, yc = xf - xf.mean(0), yf - yf.mean(0)
+    ref = xc.T @ yc
+    scale = torch.outer(xc.norm(dim=0), yc.norm(dim=0))
+    err = float(((acc.c - ref) / scale).abs().max())  # error in units of ρ
+    assert err < 2e-7, err  # measured: ~1e-8 (the float32 GEMM rounding)
+    torch.testing.assert_close(acc.mean_x, xf.mean(0), rtol=1e-9, atol=1e-6 * float(xf.std()))
+    torch.testing.assert_close(acc.mean_y, yf.mean(0), rtol=1e-9, atol=1e-6 * float(yf.std()))
+    assert float(acc.n) == n_folds * fold
+
+
+def test_float32_path_agrees_with_float64_compute():
+    """The same folds through the float64 path and the float32 path give the same ρ."""
+    x, y = _data(40, 100, 16, 300.0, 5.0, seed=2)
+    accs = {dt: CoMoments(16, 16, compute_dtype=dt) for dt in (torch.float32, torch.float64)}
+    for i in range(40):
+        for dt, acc in accs.items():
+            acc.update(x[i * 100:(i + 1) * 100].to(dt), y[i * 100:(i + 1) * 100].to(dt))
+    a32, a64 = accs[torch.float32], accs[torch.float64]
+    assert float((a32.c - a64.c).abs().max() / a64.c.abs().max()) < 1e-5
+    torch.testing.assert_close(a32.mean_x, a64.mean_x, rtol=1e-9, atol=1e-6)
+
+
+def test_sum64_matches_float64_sum():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1000, 7, generator=g) * 5 + 2
+    exact = x.double().sum(0)
+    np.testing.assert_allclose(sum64(x).numpy(), exact.numpy(), rtol=0, atol=1e-6 * float(x.abs().sum()))
+    torch.testing.assert_close(sum64(x.double()), exact, rtol=1e-14, atol=1e-12)
