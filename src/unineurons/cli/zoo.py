@@ -50,6 +50,8 @@ def zoo_train(
                                    "with this --ctx (default: the token store's ctx)."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Held-out loss every N "
                                           "steps and at each checkpoint (default: the preset's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:i: where the models, "
+                               "optimizer states and batches live (checkpoints are saved on CPU)."),
 ) -> None:
     """Train one GPT-2 per seed; rerunning the same command resumes from the last checkpoints."""
     from ..errors import UnineuronsError
@@ -70,7 +72,7 @@ def zoo_train(
     ckpt_list = None if checkpoints is None else parse_int_list(checkpoints, "--checkpoints")
     path = train_zoo(tokens, out, preset=preset, seeds=seed_list, steps=steps,
                      checkpoints=ckpt_list, heldout=heldout, workers=workers, lr=lr,
-                     batch_size=batch_size, ctx=ctx, eval_every=eval_every)
+                     batch_size=batch_size, ctx=ctx, eval_every=eval_every, device=device)
     _print_info(zoo_info(path), console)
 
 

@@ -174,13 +174,15 @@ def _versions() -> dict[str, str]:
 def train_zoo(tokens: str | os.PathLike, out: str | os.PathLike, preset: str = "tiny",
               seeds: Sequence[int] = (0, 1, 2, 3, 4), steps: int | None = None,
               checkpoints: Sequence[int] | None = None, heldout: str | os.PathLike | None = None,
-              workers: int | None = None, **overrides: Any) -> Path:
+              workers: int | None = None, device: str = "cpu", **overrides: Any) -> Path:
     """Train (or resume) one GPT-2 per seed on the token store ``tokens``; return ``out``.
 
     ``overrides`` are :class:`ZooConfig` fields (``lr``, ``batch_size``, ...). ``steps``
     defaults to the preset's; ``checkpoints`` to :func:`default_checkpoints` (the last step is
     always added). Seeds train in ``workers`` processes (default ``min(len(seeds), cpus)``),
-    one CPU thread each. Bad input raises :class:`UnineuronsError` before anything is written.
+    one CPU thread each. ``device`` (cpu, cuda, cuda:i) holds the models, AdamW states and
+    batches; checkpoints are saved from CPU copies. Bad input (a device this machine lacks too)
+    raises :class:`UnineuronsError` before anything is written.
     """
     cfg = ZooConfig.from_preset(preset, **overrides)
     steps = cfg.steps if steps is None else steps
@@ -189,7 +191,9 @@ def train_zoo(tokens: str | os.PathLike, out: str | os.PathLike, preset: str = "
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int)
                                 or workers <= 0):
         raise UnineuronsError(f"--workers must be a positive integer, got {workers!r}")
+    _check_zoo_device(device)
     spec, body, tokenizer = _plan(tokens, out, cfg, steps, ckpts, heldout)
+    spec = dataclasses.replace(spec, device=device)
     n_workers = min(len(seeds), os.cpu_count() or 1) if workers is None else workers
     from ..checks import check_memory
 
@@ -225,6 +229,16 @@ def train_zoo(tokens: str | os.PathLike, out: str | os.PathLike, preset: str = "
         elif n_workers > 1:
             _train_parallel(spec, todo, n_workers, bar.advance)
     return out
+
+
+def _check_zoo_device(device: Any) -> None:
+    """One clear line unless ``device`` is cpu, cuda or cuda:i and usable here."""
+    from ..config import check_device, check_device_available
+
+    try:
+        check_device_available(check_device(device if isinstance(device, str) else repr(device)))
+    except ValueError as e:
+        raise UnineuronsError(f"--device: {e}") from None
 
 
 def train_memory_bytes(cfg: ZooConfig, ctx: int, vocab_size: int) -> int:

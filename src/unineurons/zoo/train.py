@@ -5,6 +5,8 @@ before the model is built) and the data order (:func:`batch_rows`: a seeded perm
 token store per epoch, so the rows of step ``s`` depend on ``(seed, s)`` only). Dropout is off,
 so no randomness is drawn while training. Training runs with one CPU thread, so results do not
 depend on how many seeds run side by side (thread count can change float summation order).
+With ``ZooSpec.device`` a GPU (``zoo train --device cuda``) the model, AdamW state and batches
+live there; checkpoints and resume states are saved from CPU copies.
 
 On disk, per seed::
 
@@ -67,6 +69,10 @@ class ZooSpec:
     ctx: int  #: training context length (<= n_positions)
     special: dict[str, Any] = field(default_factory=dict)  #: bos_id, eos_id, pad_id
     fingerprint: str = ""  #: hash of the settings; a resume state from other settings is refused
+    #: torch device of the model, optimizer state and batches (cpu, cuda, cuda:i); checkpoints
+    #: and resume states are saved from CPU copies. Not in the fingerprint: a seed may resume
+    #: on another device (bitwise equality holds on one device only).
+    device: str = "cpu"
 
 
 def seed_dir(out: str | os.PathLike, seed: int) -> Path:
@@ -94,16 +100,18 @@ def build_model(spec: ZooSpec, seed: int) -> torch.nn.Module:
     return model
 
 
-def _optimizer(model: torch.nn.Module, cfg: ZooConfig) -> torch.optim.AdamW:
+def _optimizer(model: torch.nn.Module, cfg: ZooConfig, device: str = "cpu") -> torch.optim.AdamW:
     # Decay matrices (and the embeddings), not biases or LayerNorm gains: the usual GPT recipe.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    # foreach=False: the plain per-tensor loop is what runs on CPU anyway; pinning it keeps
-    # the arithmetic (hence resumed weights) identical whatever torch's default becomes.
+    # foreach=False on CPU: the plain per-tensor loop is what runs on CPU anyway (foreach and
+    # fused were no faster there: benchmarks/zoo_speed.py); pinning it keeps the arithmetic
+    # (hence resumed weights) identical whatever torch's default becomes. On a GPU the
+    # per-tensor loop is launch-bound: foreach (also deterministic) there.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             foreach=False)
+                             foreach=device != "cpu")
 
 
 class _Order:
@@ -164,11 +172,11 @@ def _save_state(sdir: Path, step: int, model: torch.nn.Module, opt: torch.optim.
     tensors: dict[str, torch.Tensor] = {}
     # named_parameters lists a tied weight once (safetensors refuses shared storage).
     for name, p in model.named_parameters():
-        tensors[f"model.{name}"] = p.detach()
+        tensors[f"model.{name}"] = p.detach().cpu()
     sd = opt.state_dict()
     for idx, st in sd["state"].items():
         for key, val in st.items():
-            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(val)
+            tensors[f"optim.{idx}.{key}"] = torch.as_tensor(val).cpu()
     tensors["rng.torch"] = torch.get_rng_state()
     fname = f"state-step{step}.safetensors"
     save_tensors(rdir / fname, tensors, metadata={"format": str(RESUME_FORMAT)})
@@ -235,6 +243,10 @@ def _save_checkpoint(sdir: Path, step: int, model: torch.nn.Module, tokenizer: A
     shutil.rmtree(tmp, ignore_errors=True)
     from transformers.utils import logging as hf_logging
 
+    if next(model.parameters()).device.type != "cpu":  # HF folders hold CPU tensors
+        import copy
+
+        model = copy.deepcopy(model).to("cpu")  # .to keeps the tied embeddings tied
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar per checkpoint is noise
     try:
@@ -273,13 +285,14 @@ def train_seed(spec: ZooSpec, seed: int, tokenizer: Any = None,
     if spec.heldout is not None:
         hs = TokenStore.open(spec.heldout, verify=False)
         m = min(cfg.eval_contexts, hs.n_contexts)
-        held = torch.from_numpy(np.asarray(hs.tokens[:m, :spec.ctx], dtype=np.int64))
+        held = torch.from_numpy(np.asarray(hs.tokens[:m, :spec.ctx], dtype=np.int64)).to(
+            spec.device)
     if tokenizer is None:
         tokenizer = load_tokenizer(spec.tokenizer)
 
-    model = build_model(spec, seed)
+    model = build_model(spec, seed).to(spec.device)  # initialised on CPU: same weights anywhere
     model.train()
-    opt = _optimizer(model, cfg)
+    opt = _optimizer(model, cfg, spec.device)
     state = _load_state(sdir, model, opt, spec.fingerprint)
     start = 0 if state is None else int(state["step"])
     run_t0 = time.perf_counter()
@@ -295,7 +308,10 @@ def train_seed(spec: ZooSpec, seed: int, tokenizer: Any = None,
     order = _Order(member_seeds(seed)[1], store.n_contexts, cfg.batch_size)  # its data seed
     ckpts = set(spec.checkpoints)
     tokens_per_step = cfg.batch_size * spec.ctx
-    loss_sum, loss_n, step_time = 0.0, 0, 0.0  # since the last metrics row
+    # Since the last metrics row. The loss sum stays a float64 tensor on the device (the same
+    # sequential float64 sum as Python floats): no device sync per step.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=spec.device)
+    loss_n, step_time = 0, 0.0
     last: dict[str, Any] = {}
     for step in range(start, spec.steps):
         t0 = time.perf_counter()
@@ -304,20 +320,22 @@ def train_seed(spec: ZooSpec, seed: int, tokenizer: Any = None,
             g["lr"] = lr
         rows = order.rows(step)  # (B,) a function of (seed, step) only
         x = torch.from_numpy(np.asarray(data[rows, :spec.ctx], dtype=np.int64))  # (B, ctx)
+        x = x.to(spec.device, non_blocking=True)
         loss = _lm_loss(model, x)
         loss.backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=False)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip,
+                                           foreach=spec.device != "cpu")
         opt.step()
         opt.zero_grad(set_to_none=True)
         step_time += time.perf_counter() - t0
-        loss_sum += float(loss.detach())
+        loss_sum += loss.detach()
         loss_n += 1
         done = step + 1
 
         if done % cfg.log_every == 0 or done in ckpts:
             row: dict[str, Any] = {"step": done, "tokens": done * tokens_per_step,
-                                   "train_loss": loss_sum / loss_n}
+                                   "train_loss": float(loss_sum) / loss_n}
             if held is not None and (done % cfg.eval_every == 0 or done in ckpts):
                 row["heldout_loss"] = _heldout_loss(model, held, cfg.batch_size)
             row |= {"lr": lr,
@@ -326,7 +344,8 @@ def train_seed(spec: ZooSpec, seed: int, tokenizer: Any = None,
             with open(metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
             last = row
-            loss_sum, loss_n, step_time = 0.0, 0, 0.0
+            loss_sum.zero_()
+            loss_n, step_time = 0, 0.0
         if done in ckpts:
             _save_checkpoint(sdir, done, model, tokenizer, {"seed": seed, **last,
                                                            "preset": cfg.preset,
