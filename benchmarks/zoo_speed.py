@@ -21,7 +21,7 @@ Contenders:
   checkpoints (the default 1/8, 1/4, 1/2, 1: HF folder plus resume state) included;
 - ``zoo steps only``: the same with no held-out store and one checkpoint at the end;
 - ``bare loop``: ``model(x).logits``, cross entropy, backward, clip, ``AdamW(foreach=False)``
-  (the zoo's optimizer arithmetic), nothing else;
+  (the zoo's optimizer before it moved to the fused AdamW), nothing else;
 - ``bare, foreach AdamW`` / ``bare, fused AdamW``: the same with ``foreach=True`` /
   ``fused=True`` (and a foreach clip), the levers the issue names.
 """
@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 
 from unineurons.io import sha256_file, write_json
-from unineurons.progress import set_quiet
 from unineurons.zoo import ZooConfig, ZooSpec, build_model
 from unineurons.zoo.config import lr_at
 from unineurons.zoo.run import default_checkpoints
@@ -120,7 +119,6 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each contender's best counts")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # as every zoo worker
-    set_quiet(True)
     cfg = ZooConfig.from_preset(args.preset)
     cfg = dataclasses.replace(cfg, steps=args.steps, eval_every=max(1, args.steps // 5))
     tmp = Path(tempfile.mkdtemp(prefix="zoo-speed-"))
