@@ -21,9 +21,12 @@ Contenders:
   checkpoints (the default 1/8, 1/4, 1/2, 1: HF folder plus resume state) included;
 - ``zoo steps only``: the same with no held-out store and one checkpoint at the end;
 - ``bare loop``: ``model(x).logits``, cross entropy, backward, clip, ``AdamW(foreach=False)``
-  (the zoo's optimizer before it moved to the fused AdamW), nothing else;
+  (the zoo's optimizer arithmetic on CPU), nothing else;
 - ``bare, foreach AdamW`` / ``bare, fused AdamW``: the same with ``foreach=True`` /
-  ``fused=True`` (and a foreach clip), the levers the issue names.
+  ``fused=True`` (and a foreach clip), the levers the issue names;
+- with ``--compile``: ``bare, torch.compile, fused AdamW``: the fused loop with the model's
+  forward and backward through ``torch.compile`` (inductor, compiled in this process:
+  ``compile_threads=1``, so the compile's CPU time is counted; a fresh compile every round).
 """
 
 from __future__ import annotations
@@ -93,7 +96,15 @@ def bare_run(spec: ZooSpec, optim: str) -> float:
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    kw = {"foreach": False} if optim == "loop" else {optim: True}
+    kw = {"foreach": False} if optim == "loop" else {optim.removeprefix("compile+"): True}
+    fwd = model
+    if optim.startswith("compile+"):
+        import torch._dynamo
+        import torch._inductor.config
+
+        torch._inductor.config.compile_threads = 1  # compile here: process CPU time counts it
+        torch._dynamo.reset()
+        fwd = torch.compile(model)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
                             betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw)
@@ -102,7 +113,7 @@ def bare_run(spec: ZooSpec, optim: str) -> float:
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step, spec.steps)
         x = torch.from_numpy(np.asarray(data[order.rows(step), :spec.ctx], dtype=np.int64))
-        logits = model(input_ids=x).logits  # (B, ctx, vocab)
+        logits = fwd(input_ids=x).logits  # (B, ctx, vocab)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip,
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     ap.add_argument("--preset", default="tiny", help="zoo preset (micro, tiny, small)")
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per contender")
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each contender's best counts")
+    ap.add_argument("--compile", action="store_true", help="add a torch.compile contender")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # as every zoo worker
     cfg = ZooConfig.from_preset(args.preset)
@@ -137,6 +149,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
             "bare loop, AdamW foreach=True": lambda: bare_run(full, "foreach"),
             "bare loop, AdamW fused=True": lambda: bare_run(full, "fused"),
         }
+        if args.compile:
+            runs["bare loop, torch.compile, fused"] = lambda: bare_run(full, "compile+fused")
         best = dict.fromkeys(runs, float("inf"))
         for r in range(args.repeats):
             for name, fn in runs.items():
