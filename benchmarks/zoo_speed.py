@@ -99,11 +99,11 @@ def bare_run(spec: ZooSpec, optim: str) -> float:
     kw = {"foreach": False} if optim == "loop" else {optim.removeprefix("compile+"): True}
     fwd = model
     if optim.startswith("compile+"):
-        import torch._dynamo
-        import torch._inductor.config
+        from torch import _dynamo
+        from torch._inductor import config as inductor_config
 
-        torch._inductor.config.compile_threads = 1  # compile here: process CPU time counts it
-        torch._dynamo.reset()
+        inductor_config.compile_threads = 1  # compile here: process CPU time counts it
+        _dynamo.reset()
         fwd = torch.compile(model)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr,
