@@ -103,3 +103,122 @@ def test_calibrated_share_per_partner_kind(tmp_path, make_gpt2, tiny_store):
     np.testing.assert_allclose(got["p_value"], alone["p_value"], rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(got["q_value"], alone["q_value"], rtol=1e-3, atol=1e-5)
     assert alone["p_value"].min() < 0.2 < alone["p_value"].max()  # not all at one end
+
+
+# ---- report figures under both criteria (hand-made tables with the documented columns) -----
+
+SETS = {"universal": 0.30, "universal-calibrated": 0.20, "non-universal": 0.05, "random": 0.02}
+
+
+def _ablation_rows(rng, extra: dict | None = None) -> list[dict]:
+    rows = []
+    for name, per in SETS.items():
+        for n in (1, 4):
+            for draw in range(2 if name == "random" else 1):
+                dl = per * n + 0.01 * draw
+                rows.append({"model": "m0", "set": name, "method": "zero", "layer": -1,
+                             "size": str(n), "draw": draw, "n_requested": n, "n_ablated": n,
+                             "delta_loss": dl, "kl": dl, "efficiency": dl / n,
+                             "delta_loss_boot": list(dl + rng.normal(0, 0.02, 64)),
+                             **(extra or {})})
+    return rows
+
+
+@pytest.fixture
+def fig_run(tmp_path):
+    from unineurons.rundir import RunDir
+
+    rng = np.random.default_rng(0)
+    run = RunDir.create(tmp_path / "run")
+    run.update_manifest(models=[{"spec": "m0"}], correlate={"config": {"threshold": 0.5}},
+                        dynamics={"reference": "seed0", "universal": {"rule": "top",
+                                                                      "share": 0.05}})
+    run.write_table("ablations", pd.DataFrame(_ablation_rows(rng)))
+    run.write_table("dynamics_ablations", pd.DataFrame(
+        [r | {"step": s, "member": "seed0"} for s in (10, 20) for r in _ablation_rows(rng)]))
+    em = []
+    for s, (u, c) in zip((10, 20), ((2, 8), (4, 16)), strict=True):
+        for layer in (0, 1):
+            em.append({"step": s, "member": "seed0", "model": "m0", "layer": layer,
+                       "neurons": 64, "universal": u + layer, "universal_share": (u + layer) / 64,
+                       "universal_calibrated": c, "universal_calibrated_share": c / 64})
+    run.write_table("emergence", pd.DataFrame(em))
+    run.write_table("split_half", pd.DataFrame({
+        "model": "m0", "layer": [0, 1], "neurons": 64, "kept_tokens_h0": 1000,
+        "kept_tokens_h1": 990, "universal_h0": [3, 0], "universal_h1": [5, 0],
+        "jaccard": [0.6, np.nan], "universal_calibrated_h0": [10, 12],
+        "universal_calibrated_h1": [9, 14], "jaccard_calibrated": [0.8, 0.75],
+        "excess_corr_r": [0.91, 0.82], "max_corr_r": [0.95, 0.9]}))
+    return run
+
+
+def _draw(run, fig_id):
+    from unineurons.report import figures as F
+    from unineurons.report.figures import STYLE, Tables, make_figures
+
+    make_figures(run, ("png",), 40, only=[fig_id])  # registers every figure, writes the file
+    assert (run.figures_dir / f"{fig_id}.png").is_file()
+    spec = next(s for s in F.FIGURES if s.id == fig_id)
+    import matplotlib
+
+    with matplotlib.rc_context(STYLE):
+        return spec.fn(Tables(run), {})
+
+
+def _errorbars(fig) -> dict:
+    from matplotlib.container import ErrorbarContainer
+
+    return {c.get_label(): c for ax in fig.axes for c in ax.containers
+            if isinstance(c, ErrorbarContainer)}
+
+
+def test_ablation_figures_draw_the_calibrated_set_with_intervals(fig_run):
+    from unineurons.report.plots_effects import ablation_summary
+
+    d = _draw(fig_run, "ablation_curves")
+    bars = _errorbars(d.fig)
+    assert "universal-calibrated" in bars and bars["universal-calibrated"].has_yerr
+    s = ablation_summary(fig_run.read_table("ablations"))
+    c = s[s["set"] == "universal-calibrated"].sort_values("n_ablated")
+    assert c["delta_loss_lo"].notna().all()
+    want = ", ".join(f"{x:g}→{y:+.3g} [{lo:+.3g}, {hi:+.3g}]" for x, y, lo, hi in
+                     zip(c["n_ablated"], c["delta_loss"], c["delta_loss_lo"], c["delta_loss_hi"],
+                         strict=True))
+    assert f"zero universal-calibrated: {want}" in d.caption
+    assert "universal-calibrated: the calibrated universal set" in d.caption
+    eff = _draw(fig_run, "ablation_efficiency")
+    labels = [t for ax in eff.fig.axes for t in ax.get_legend_handles_labels()[1]]
+    assert "universal-calibrated" in labels
+    assert "whole model universal-calibrated: 1→0.2, 4→0.2" in eff.caption
+
+
+def test_dynamics_figures_show_both_criteria(fig_run):
+    d = _draw(fig_run, "dynamics_ablations")
+    bars = _errorbars(d.fig)
+    assert {"universal", "universal-calibrated"} <= set(bars)
+    assert bars["universal-calibrated"].has_yerr
+    assert "universal-calibrated: step 10 n=4 +0.8 [" in d.caption
+    e = _draw(fig_run, "dynamics_emergence")
+    labels = e.fig.axes[0].get_legend_handles_labels()[1]
+    assert "L0 (calibrated)" in labels and "L1 (top 5% by excess)" in labels
+    assert "Dashed: the calibrated criterion" in e.caption
+    assert "L1: 10→12.5%, 20→25.0%" in e.caption  # calibrated 8/64, 16/64
+    assert "L1: 10→4.7%, 20→7.8%" in e.caption  # the rule's U_t: 3/64, 5/64
+
+
+def test_split_half_figure(fig_run, tmp_path):
+    d = _draw(fig_run, "split_half")
+    ax = d.fig.axes[0]
+    heights = sorted(round(p.get_height(), 6) for p in ax.patches)
+    assert heights == [0.0, 0.6, 0.75, 0.8]  # NaN (both halves empty) is no bar
+    assert "Jaccard L0 0.60, L1 n/a" in d.caption and "Jaccard L0 0.80, L1 0.75" in d.caption
+    assert "excess correlation L0 0.91, L1 0.82" in d.caption
+    assert "L0 10/9, L1 12/14" in d.caption
+    from unineurons.report.figures import make_figures
+    from unineurons.rundir import RunDir
+
+    bare = RunDir.create(tmp_path / "bare")
+    bare.update_manifest(models=[{"spec": "m0"}])
+    bare.write_table("emergence", fig_run.read_table("emergence"))
+    _, skipped = make_figures(bare, ("png",), 40, only=["split_half"])
+    assert "unineurons correlate --split-half" in skipped[0].reason
