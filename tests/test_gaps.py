@@ -64,8 +64,6 @@ def test_calibrated_share_per_partner_kind(tmp_path, make_gpt2, tiny_store):
     import json
     import shutil
 
-    from unineurons.correlate.partner_kinds import write_partner_kinds
-
     ref = make_gpt2(tmp_path / "ref", 50)
     copy = tmp_path / "copy"
     shutil.copytree(ref, copy)
@@ -222,3 +220,38 @@ def test_split_half_figure(fig_run, tmp_path):
     bare.write_table("emergence", fig_run.read_table("emergence"))
     _, skipped = make_figures(bare, ("png",), 40, only=["split_half"])
     assert "unineurons correlate --split-half" in skipped[0].reason
+
+
+def test_report_summary_shows_both_criteria_side_by_side(tmp_path):
+    """The header lists paper and calibrated universal counts, role counts under both rules
+    and the sentence on why they differ; run text is escaped."""
+    import html as _html
+
+    from unineurons.cli.correlate import CRITERIA_NOTE
+    from unineurons.rundir import RunDir
+
+    spec = "m<i>&0"
+    run = RunDir.create(tmp_path / "run")
+    run.update_manifest(models=[{"spec": spec}], correlate={"config": {
+        "threshold": 0.5, "fdr": 0.01, "null_rotations": 32}})
+    run.write_table("neurons", pd.DataFrame({
+        "model": spec, "layer": [0, 0, 1, 1], "neuron": [0, 1, 0, 1],
+        "max_corr": [0.9, 0.4, 0.6, 0.3], "excess_corr": [0.6, 0.1, 0.3, 0.0],
+        "is_universal": [True, False, False, False],
+        "is_universal_calibrated": [True, False, True, False],
+        "role_paper": ["partition", "partition", "prediction", "none"],
+        "role_calibrated": ["prediction", "none", "none", "none"]}))
+    rep = build_report(run.path, ReportConfig(figures=False, browser=False, models=False))
+    page = rep.index.read_text()
+    esc = _html.escape(spec, quote=False)
+    assert "<i>" not in page and esc in page
+    assert f"<dt>universal neurons of {esc}</dt><dd>1 of 4 (25.00%)" in page
+    assert (f"<dt>calibrated universal neurons of {esc}</dt><dd>2 of 4 (50.00%), BH q &lt; 0.01 "
+            "against each neuron&#39;s null of 32 seeded rotations</dd>") in page
+    assert f"<dt>roles of {esc}, paper thresholds</dt><dd>partition 2, prediction 1</dd>" in page
+    assert (f"<dt>roles of {esc}, calibrated (beyond random directions)</dt><dd>prediction 1"
+            "</dd>") in page
+    assert "<dt>why the criteria differ</dt>" in page
+    from markupsafe import escape
+
+    assert str(escape(CRITERIA_NOTE[1:])) in page

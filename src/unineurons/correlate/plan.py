@@ -292,7 +292,8 @@ def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
             raise UnineuronsError(
                 f"memory budget {fmt_bytes(budget)} is too small: one layer of model {a} against "
                 f"model {b} needs {fmt_bytes(acc_bytes(one, shapes, halves))} and "
-                f"{fmt_bytes(work_bytes(one, shapes, null_rotations, similarity))} of working copies to summarise it, on top "
+                f"{fmt_bytes(work_bytes(one, shapes, null_rotations, similarity))} of working "
+                "copies to summarise it, on top "
                 f"of {fmt_bytes(persistent)} of within-layer covariances and {fmt_bytes(stream)} of "
                 "weights, batch buffers and forward working memory; raise --memory-budget, or "
                 "lower --batch-size or --accumulate-tokens"

@@ -164,8 +164,7 @@ def make_figures(run: RunDir, formats: Sequence[str] = ("png", "svg"), dpi: int 
     separate run directory of ``unineurons dynamics`` whose tables are drawn too.
     """
     # importing the plot modules registers their figures
-    from . import plots_corr, plots_dynamics, plots_effects, plots_similarity  # noqa: F401
-    from . import plots_split  # noqa: F401
+    from . import plots_corr, plots_dynamics, plots_effects, plots_similarity, plots_split  # noqa: F401
 
     tables = Tables(run, dynamics)
     out_dir = run.figures_dir
