@@ -24,7 +24,11 @@ def test_no_similarity_skips_cka_and_matching_and_the_report_builds(tmp_path, ma
     on = run_correlate(CorrelateConfig(**kw), tmp_path / "on")
     assert (on.run.path / "layer_similarity.parquet").is_file()
     assert set(MATCH_COLS) <= set(pd.read_parquet(on.run.path / "matches.parquet").columns)
-    off = run_correlate(CorrelateConfig(**kw, similarity=False), tmp_path / "off")
+    from unineurons import api
+
+    off = api.correlate(paths, tiny_store, tmp_path / "off", similarity=False,
+                        **{k: v for k, v in kw.items() if k not in ("models", "tokens")}).result
+    assert off.run.manifest()["correlate"]["config"]["similarity"] is False
     assert not (off.run.path / "layer_similarity.parquet").exists()
     m_off = pd.read_parquet(off.run.path / "matches.parquet")
     assert not set(MATCH_COLS) & set(m_off.columns)
@@ -255,3 +259,32 @@ def test_report_summary_shows_both_criteria_side_by_side(tmp_path):
     from markupsafe import escape
 
     assert str(escape(CRITERIA_NOTE[1:])) in page
+
+
+def test_similarity_option_reaches_cli_plan_and_pipeline(tmp_path, make_gpt2, monkeypatch, capsys):
+    from unineurons import pipeline
+    from unineurons.cli import main
+    from unineurons.correlate import engine
+
+    paths = [str(make_gpt2(tmp_path / f"s{i}", 60 + i)) for i in range(2)]
+    seen = []
+    import unineurons.correlate.plan as plan_mod
+
+    real = plan_mod.plan_units
+    monkeypatch.setattr(engine, "plan_units", lambda *a, **k: seen.append(k["similarity"])
+                        or real(*a, **k))
+    for flag in ("--similarity", "--no-similarity"):
+        with pytest.raises(SystemExit) as e:
+            main(["plan", "-m", paths[0], "-m", paths[1], "--n-tokens", "4096", "--ctx", "64",
+                  "--flops-per-s", "1e9", flag])
+        assert e.value.code in (0, None)
+    assert seen == [True, False]
+    capsys.readouterr()
+    # a pipeline's [correlate] section: similarity = false reaches the correlate config
+    cfg = pipeline.PipelineConfig(zoo={"seeds": [0, 1]}, correlate={"similarity": False})
+    monkeypatch.setattr(pipeline, "zoo_models", lambda zoo_dir, seeds, step: paths)
+    got = []
+    monkeypatch.setattr(engine, "run_correlate", lambda cc, out, resume: got.append(cc))
+    pipeline._correlate(cfg, tmp_path / "zoo", tmp_path / "held", tmp_path / "run")
+    assert got[0].similarity is False
+    assert pipeline.PipelineConfig(zoo={"seeds": [0, 1]}, correlate={}).correlate.similarity
