@@ -61,7 +61,7 @@ def test_planner_stops_counting_similarity_memory(monkeypatch):
     assert max(off.work_bytes) < 2**30
 
 
-def test_calibrated_share_per_partner_kind(tmp_path, make_gpt2, tiny_store):
+def test_calibrated_share_per_partner_kind(tmp_path, make_gpt2, tiny_store, capsys):
     """A byte copy of the reference as its same-init partner: every live neuron is calibrated
     universal against that kind; the random other-init models give (almost) none. With every
     partner declared one kind, the per-kind counts are the run's own is_universal_calibrated."""
@@ -88,11 +88,21 @@ def test_calibrated_share_per_partner_kind(tmp_path, make_gpt2, tiny_store):
         assert pk.loc[("same-init", layer), "universal_calibrated"] == live[layer]
         for kind in ("same-data", "both-different"):
             assert pk.loc[(kind, layer), "universal_calibrated_share"] <= 0.15
+    from unineurons.report.figures import make_figures
+    from unineurons.rundir import RunDir
+
+    drawn, _ = make_figures(RunDir.open(tmp_path / "run"), ("png",), 40, only=["partner_kinds"])
+    assert "calibrated L0 100.0%, L1 100.0%" in drawn[0].caption  # same-init: the copy
+    from unineurons.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["zoo", "partner-kinds", str(tmp_path / "run")])
+    assert e.value.code in (0, None)
+    assert "calibrated 100.0%" in capsys.readouterr().out
     # the kind's test is the run's own calibrated test on that kind's partners only: a run
     # of the reference against the two other-init models alone (their rotations are keyed by
     # the weights, so the null is the same) gives the same p-values
     from unineurons.correlate.partner_kinds import kind_calibrated_neurons
-    from unineurons.rundir import RunDir
 
     alone = run_correlate(CorrelateConfig(**{**cfg.model_dump(), "models": [str(ref), *map(
         str, others)]}), tmp_path / "alone").neurons
