@@ -298,3 +298,32 @@ def test_similarity_option_reaches_cli_plan_and_pipeline(tmp_path, make_gpt2, mo
     pipeline._correlate(cfg, tmp_path / "zoo", tmp_path / "held", tmp_path / "run")
     assert got[0].similarity is False
     assert pipeline.PipelineConfig(zoo={"seeds": [0, 1]}, correlate={}).correlate.similarity
+
+
+def test_emergence_keeps_the_paper_count_and_the_figure_draws_it(tmp_path):
+    from unineurons.analyses.dynamics_tables import emergence_table
+    from unineurons.rundir import RunDir
+
+    layers = pd.DataFrame({"step": [10, 10, 20, 20], "member": "seed0", "model": "m0",
+                           "layer": [0, 1, 0, 1], "neurons": 4, "universal": [0, 1, 2, 1],
+                           "universal_share": [0.0, 0.25, 0.5, 0.25],
+                           "universal_calibrated": [1, 1, 3, 2],
+                           "universal_calibrated_share": [0.25, 0.25, 0.75, 0.5]})
+    rng = np.random.default_rng(1)
+    marked = pd.DataFrame([{"step": s, "member": "seed0", "layer": la, "neuron": j,
+                            "is_universal": bool(rng.random() < 0.5)}
+                           for s in (10, 20) for la in (0, 1) for j in range(4)])
+    em = emergence_table(layers, marked)
+    np.testing.assert_array_equal(em["universal_paper"], layers["universal"])
+    np.testing.assert_allclose(em["universal_paper_share"], layers["universal"] / 4)
+    recount = marked.groupby(["step", "layer"])["is_universal"].sum().to_numpy()
+    np.testing.assert_array_equal(em["universal"], recount)
+    run = RunDir.create(tmp_path / "run")
+    run.update_manifest(models=[{"spec": "m0"}], dynamics={
+        "reference": "seed0", "universal": {"rule": "calibrated", "fdr": 0.01}})
+    run.write_table("emergence", em)
+    e = _draw(run, "dynamics_emergence")
+    labels = e.fig.axes[0].get_legend_handles_labels()[1]
+    assert "L0 (paper)" in labels and "L0 (calibrated (q < 0.01))" in labels
+    assert not any(lab.endswith("(calibrated)") for lab in labels)  # the rule itself
+    assert "Dotted: the paper's criterion" in e.caption and "L0: 10→0.0%, 20→50.0%" in e.caption

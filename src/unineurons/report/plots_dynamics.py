@@ -41,6 +41,15 @@ def _rule(t: Tables) -> str:
     return f"paper: excess > {u.get('threshold', t.threshold):g}"
 
 
+#: The criteria drawn beside the U_t rule: (column, name, line style, caption text).
+_CRITERIA = (
+    ("universal_calibrated_share", "calibrated", "--s",
+     "the calibrated criterion (BH q < FDR against each neuron's rotation null)"),
+    ("universal_paper_share", "paper", ":^", "the paper's criterion (excess correlation > the "
+     "correlate threshold)"),
+)
+
+
 @figure("dynamics_emergence", "Universal neurons over training", "Training dynamics",
         needs=["emergence"])
 def _emergence(t: Tables, opts: dict) -> Drawn:
@@ -49,25 +58,24 @@ def _emergence(t: Tables, opts: dict) -> Drawn:
         raise Skip("emergence.parquet has no rows")
     layers = sorted(e["layer"].unique())
     rule = _rule(t)
-    # U_t under the calibrated criterion too, when the steps have it and it is not the rule
-    cal = ("universal_calibrated_share" in e.columns and not rule.startswith("calibrated")
-           and e["universal_calibrated_share"].notna().any())
+    # U_t under the other criteria too, where the steps have them and they are not the rule
+    extra = [c for c in _CRITERIA if c[0] in e.columns and not rule.startswith(c[1])
+             and e[c[0]].notna().any()]
     fig, (ax,) = new_figure(1, width=5.5)
-    parts, cparts = [], []
+    parts: list[str] = []
+    more: dict[str, list[str]] = {c[0]: [] for c in extra}
     for i, lay in enumerate(layers):
         g = e[e["layer"] == lay].sort_values("step")
         col = PALETTE[i % len(PALETTE)]
         ax.plot(g["step"], 100 * g["universal_share"], "-o", ms=3, color=col,
-                label=f"L{lay} ({rule})" if cal else f"L{lay}")
+                label=f"L{lay} ({rule})" if extra else f"L{lay}")
         parts.append(f"L{lay}: " + ", ".join(f"{s:g}→{100 * v:.1f}%" for s, v in
                                              zip(g["step"], g["universal_share"], strict=True)))
-        if cal:
-            c = g.dropna(subset=["universal_calibrated_share"])
-            ax.plot(c["step"], 100 * c["universal_calibrated_share"], "--s", ms=3, color=col,
-                    label=f"L{lay} (calibrated)")
-            cparts.append(f"L{lay}: " + ", ".join(
-                f"{s:g}→{100 * v:.1f}%" for s, v in
-                zip(c["step"], c["universal_calibrated_share"], strict=True)))
+        for column, name, style, _ in extra:
+            c = g.dropna(subset=[column])
+            ax.plot(c["step"], 100 * c[column], style, ms=3, color=col, label=f"L{lay} ({name})")
+            more[column].append(f"L{lay}: " + ", ".join(
+                f"{s:g}→{100 * v:.1f}%" for s, v in zip(c["step"], c[column], strict=True)))
     ax.set_ylim(bottom=0)
     ax.set_xlabel("training step")
     ax.set_ylabel("universal neurons (% of layer)")
@@ -75,11 +83,13 @@ def _emergence(t: Tables, opts: dict) -> Drawn:
     ax.legend(ncol=2)
     cap = (f"Share of each layer's neurons{_member(t, e)} that are universal at each training "
            f"checkpoint (step → share), U_t by {rule}: " + "; ".join(parts) + ".")
-    if cal:
-        cap += (" Dashed: the calibrated criterion (BH q < FDR against each neuron's rotation "
-                "null): " + "; ".join(cparts) + ". The criteria differ because a fixed "
-                "threshold does not scale with model size and token count, while the calibrated "
-                "test asks only whether a neuron beats its own null.")
+    for column, name, _style, text in extra:
+        cap += (f" {'Dashed' if name == 'calibrated' else 'Dotted'}: {text}: "
+                + "; ".join(more[column]) + ".")
+    if any(c[1] == "calibrated" for c in extra) or rule.startswith("calibrated"):
+        cap += (" The criteria differ because a fixed threshold does not scale with model size "
+                "and token count, while the calibrated test asks only whether a neuron beats "
+                "its own null.")
     return Drawn(fig, cap)
 
 
