@@ -327,3 +327,21 @@ def test_emergence_keeps_the_paper_count_and_the_figure_draws_it(tmp_path):
     assert "L0 (paper)" in labels and "L0 (calibrated (q < 0.01))" in labels
     assert not any(lab.endswith("(calibrated)") for lab in labels)  # the rule itself
     assert "Dotted: the paper's criterion" in e.caption and "L0: 10→0.0%, 20→50.0%" in e.caption
+
+
+def test_dynamics_passes_similarity_to_each_step():
+    from unineurons.analyses.dynamics import DynamicsConfig, correlate_config
+
+    kw = dict(model_template="o/{name}@c-{step}", names=["a", "b"], steps=[10], tokens="T")
+    assert correlate_config(DynamicsConfig(**kw), ["x", "y"]).similarity is True
+    assert correlate_config(DynamicsConfig(**kw, similarity=False), ["x", "y"]).similarity is False
+
+
+def test_demo_config_shows_both_criteria():
+    from unineurons.pipeline import builtin_config, load_config
+
+    cfg = load_config(text=builtin_config("demo"))
+    assert cfg.correlate.null_rotations > 0 and cfg.correlate.split_half
+    assert "universal-calibrated" in cfg.ablate.sets
+    assert "universal-calibrated" in cfg.dynamics.ablate.sets
+    assert cfg.dynamics.null_rotations > 0
