@@ -97,6 +97,8 @@ class CorrelateStage(_Section):
     null_rotations: int = Field(32, ge=0, description="Rotations of the calibrated null per layer.")
     fdr: float = Field(0.01, gt=0, lt=1, description="Calibrated universal if BH q < fdr.")
     split_half: bool = Field(False, description="Universal sets of two halves of the tokens too.")
+    similarity: bool = Field(True, description="Layer similarity (CKA, ridge) and one-to-one "
+                             "matching too.")
     batch_size: int = Field(16, ge=1)
     memory_budget: str = "8GB"
     dtype: Literal["float32", "tf32", "bfloat16", "float64"] = "float32"
@@ -316,5 +318,6 @@ def _correlate(cfg: PipelineConfig, zoo_dir: Path, held_dir: Path, run_dir: Path
     cc = CorrelateConfig(models=zoo_models(zoo_dir, seeds, c.step), tokens=str(held_dir),
                          n_tokens=c.n_tokens, pairs=c.pairs, threshold=c.threshold,
                          null_rotations=c.null_rotations, fdr=c.fdr, split_half=c.split_half,
+                         similarity=c.similarity,
                          batch_size=c.batch_size, memory_budget=c.memory_budget, dtype=c.dtype)
     return run_correlate(cc, run_dir, resume=True)

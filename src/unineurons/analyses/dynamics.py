@@ -54,7 +54,8 @@ __all__ = ["DynamicsConfig", "DynamicsResult", "run_dynamics", "expand_template"
            "zoo_step_models", "plan_models", "correlate_config", "with_defaults"]
 
 #: DynamicsConfig fields handed to every step's CorrelateConfig unchanged.
-_CORRELATE_FIELDS = ("n_tokens", "pairs", "threshold", "null_rotations", "fdr", "ceiling", "batch_size",
+_CORRELATE_FIELDS = ("n_tokens", "pairs", "threshold", "null_rotations", "fdr", "similarity",
+                     "ceiling", "batch_size",
                      "accumulate_tokens", "device", "dtype", "memory_budget", "seed",
                      "drop_newline", *sorted(BACKEND_FIELDS))
 
@@ -90,6 +91,8 @@ class DynamicsConfig(Backend):
     null_rotations: int = Field(32, ge=0, description="Rotations of the calibrated null per layer "
                                 "(each step's is_universal_calibrated); 0: none.")
     fdr: float = Field(0.01, gt=0, lt=1, description="Calibrated universal if BH q < fdr.")
+    similarity: bool = Field(True, description="Each step's layer similarity and one-to-one "
+                             "matching too (correlate --similarity).")
     threshold: float = Field(0.5, description="Universal if excess correlation > threshold "
                              "(also the correlate stage's is_universal in each step's run).")
     pairs: Literal["reference", "all"] = Field("reference", description=(

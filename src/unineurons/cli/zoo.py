@@ -109,8 +109,10 @@ def zoo_partner_kinds(
         seeds[spec] = (init, data)
     df = write_partner_kinds(run, seeds)
     for (kind, layer), g in df.groupby(["partner_kind", "layer"], sort=False):
+        cal = (f", calibrated {100 * g['universal_calibrated_share'].mean():.1f}%"
+               if "universal_calibrated_share" in g else "")
         console.print(f"{kind:15s} L{layer}: mean excess {g['mean_excess_corr'].mean():.3f}, "
-                      f"universal {100 * g['universal_share'].mean():.1f}%", highlight=False)
+                      f"universal {100 * g['universal_share'].mean():.1f}%{cal}", highlight=False)
 
 
 def _print_info(info: dict, console) -> None:

@@ -41,6 +41,11 @@ class CorrelateConfig(Backend):
     ceiling: bool = Field(True, description=(
         "Also correlate each model with its own rotated activations (ceiling_corr, excess_norm)."
     ))
+    similarity: bool = Field(True, description=(
+        "Layer similarity (CKA, ridge R², layer_similarity.parquet) and one-to-one matching "
+        "(assigned_neuron, assigned_corr, mutual_best in matches.parquet); off: neither is "
+        "computed nor planned for."
+    ))
     top_k: int = Field(5, ge=1, description="Top matches kept per neuron and partner.")
     batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
     accumulate_tokens: int | None = Field(None, ge=1, description=(

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import __version__
@@ -118,11 +119,42 @@ def _summary(t: Tables) -> list[tuple[str, str]]:
             out.append((f"universal neurons of {t.short(ref)}",
                         f"{k} of {len(r)} ({100 * k / max(len(r), 1):.2f}%), excess correlation "
                         f"> {t.threshold}"))
+    out += _calibrated_summary(t, n)
     a = t.get("ablations")
     if a is not None and len(a):
         from ..analyses.ablate import headline
 
         out.append(("ablations", headline(a)))
+    return out
+
+
+def _calibrated_summary(t: Tables, n: pd.DataFrame | None) -> list[tuple[str, str]]:
+    """The calibrated criteria beside the paper's (issue 13): calibrated universal counts, role
+    counts under both rules, and one sentence on why the criteria differ. Empty when the run
+    has neither calibrated column."""
+    if n is None:
+        return []
+    out = []
+    cfg = (t.manifest.get("correlate") or {}).get("config") or {}
+    if "is_universal_calibrated" in n:
+        for ref in t.corr_models:
+            r = n[n["model"] == ref]
+            k = int(r["is_universal_calibrated"].fillna(False).astype(bool).sum())
+            out.append((f"calibrated universal neurons of {t.short(ref)}",
+                        f"{k} of {len(r)} ({100 * k / max(len(r), 1):.2f}%), BH q < "
+                        f"{cfg.get('fdr', 0.01):g} against each neuron's null of "
+                        f"{cfg.get('null_rotations', '?')} seeded rotations"))
+    if {"role_paper", "role_calibrated"} <= set(n.columns) and t.corr_models:
+        r = n[n["model"] == t.reference]
+        for col, rule in (("role_paper", "paper thresholds"),
+                          ("role_calibrated", "calibrated (beyond random directions)")):
+            c = r[col][r[col].notna() & (r[col] != "none")].value_counts()
+            out.append((f"roles of {t.short(t.reference)}, {rule}",
+                        ", ".join(f"{k} {int(v)}" for k, v in c.items()) or "none"))
+    if out:
+        from ..cli.correlate import CRITERIA_NOTE
+
+        out.append(("why the criteria differ", CRITERIA_NOTE[0].upper() + CRITERIA_NOTE[1:] + "."))
     return out
 
 
