@@ -23,7 +23,7 @@ from .errors import UnineuronsError
 
 __all__ = ["relocated", "parse_model_paths", "moved_model", "moved_tokenizer", "hold"]
 
-_MODELS: ContextVar[dict[str, str]] = ContextVar("unineurons_moved_models", default={})
+_MODELS: ContextVar[dict[str, str] | None] = ContextVar("unineurons_moved_models", default=None)
 _TOKENIZER: ContextVar[str | None] = ContextVar("unineurons_moved_tokenizer", default=None)
 
 
@@ -50,7 +50,7 @@ def relocated(models: Mapping[str, str] | None = None,
               tokenizer: str | Path | None = None) -> Iterator[None]:
     """Within the block, load a run's model recorded as ``SPEC`` (its spec or its recorded
     folder) from ``models[SPEC]``, and a token store's tokenizer from ``tokenizer``."""
-    t1 = _MODELS.set({**_MODELS.get(), **{str(k): str(v) for k, v in (models or {}).items()}})
+    t1 = _MODELS.set({**(_MODELS.get() or {}), **{str(k): str(v) for k, v in (models or {}).items()}})
     t2 = _TOKENIZER.set(None if tokenizer is None else str(tokenizer))
     try:
         yield
@@ -74,7 +74,7 @@ def moved_model(spec: str, location: str | None) -> str | None:
     Raises:
         UnineuronsError: the given folder does not exist.
     """
-    for old, new in _MODELS.get().items():
+    for old, new in (_MODELS.get() or {}).items():
         if _same(old, spec) or (location and _same(old, location)):
             if not Path(new).expanduser().is_dir():
                 raise UnineuronsError(f"option --model-path {old}={new}: the folder {new} does not "
