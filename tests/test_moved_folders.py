@@ -103,6 +103,26 @@ def test_api_relocated(project, tmp_path):
         api.intervene(proj / "run", "L0.N1", model="m1", values=[0.0], random_baseline=0)
 
 
+def test_ray_workers_get_the_moved_folder(project, tmp_path):
+    """The shard job (what Ray workers load) holds the folder the driver loaded from."""
+    from unineurons.analyses.interventions import load_run_model, run_model_entries
+    from unineurons.rundir import RunDir
+    from unineurons.sharding import model_job
+
+    shutil.move(project / "m0", tmp_path / "m0_new")
+    rd = RunDir.open(project / "run")
+    with relocated_m0(tmp_path / "m0_new"):
+        m = load_run_model(run_model_entries(rd, ["m0"])[0])
+    job = model_job([m], project / "store", "cpu")
+    assert job["locations"] == [str((tmp_path / "m0_new").resolve())] and job["specs"] == ["m0"]
+
+
+def relocated_m0(folder):
+    from unineurons.relocate import relocated
+
+    return relocated(models={"m0": str(folder)})
+
+
 def test_moved_tokenizer_of_a_store_names_tokenizer_that_works(tiny_corpus, tiny_tokenizer,
                                                                tmp_path, capsys, monkeypatch):
     from unineurons.tokenizer import train_tokenizer
