@@ -293,10 +293,13 @@ def check_options(options: dict[str, Any], device_here: bool = True) -> None:
             check_device_available(check_device(dev))
         except ValueError as e:
             raise UnineuronsError(f"option --device: {e}") from None
-    ranges = option_ranges()
-    for name, v in options.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue
+    numeric = {k: v for k, v in options.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    # the config models (and torch with them) are imported only for options they hold
+    ranges = option_ranges() if set(numeric) - set(OPTION_RANGES) else {
+        k: {q: x for q, x in (("ge", lo), ("le", hi)) if x is not None}
+        for k, (lo, hi) in OPTION_RANGES.items()}
+    for name, v in numeric.items():
         b = ranges.get(name, {"ge": 0} if isinstance(v, int) else {})
         bad = ("ge" in b and v < b["ge"]) or ("gt" in b and v <= b["gt"]) or \
             ("le" in b and v > b["le"]) or ("lt" in b and v >= b["lt"])

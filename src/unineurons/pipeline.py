@@ -70,7 +70,7 @@ class TokensStage(_Section):
     ctx: int = Field(128, ge=2, le=MAX_CTX, description="Context length: BOS + ctx-1 tokens.")
     train_tokens: int = Field(4_000_000, ge=1, le=MAX_INT, description="Tokens in the training store.")
     heldout_tokens: int = Field(262_144, ge=1, le=MAX_INT, description="Tokens in the held-out store.")
-    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of documents held out.")
+    heldout_fraction: float = Field(0.1, gt=0, le=0.9, description="Share of documents held out.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Document-order seed.")
 
 
