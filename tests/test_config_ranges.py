@@ -89,6 +89,9 @@ def test_the_walk_finds_the_fields():
 def test_every_numeric_field_has_a_range(cls, name, kind, bounds, is_list):
     if (cls.__name__, name) in UNBOUNDED:
         assert not bounds, "listed as unbounded but has bounds: drop it from UNBOUNDED"
+        for bad in (float("nan"), float("inf"), float("-inf")):  # finite all the same
+            with pytest.raises(ValidationError, match=name):
+                _make(cls, **{name: [bad] if is_list else bad})
         return
     assert bounds, f"{cls.__name__}.{name} has no range: give it Field(ge=..., le=...)"
     if kind is int:  # an int needs both ends: beyond int64 torch and numpy cannot index
