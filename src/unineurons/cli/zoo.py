@@ -50,6 +50,9 @@ def zoo_train(
                                    "with this --ctx (default: the token store's ctx)."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Held-out loss every N "
                                           "steps and at each checkpoint (default: the preset's)."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Folder the token store's "
+                                          "tokenizer is in now, when it moved since the store "
+                                          "was built (its vocabulary is checked)."),
 ) -> None:
     """Train one GPT-2 per seed; rerunning the same command resumes from the last checkpoints."""
     from ..errors import UnineuronsError
@@ -68,9 +71,12 @@ def zoo_train(
     else:
         seed_list = parse_int_list(seeds, "--seeds")
     ckpt_list = None if checkpoints is None else parse_int_list(checkpoints, "--checkpoints")
-    path = train_zoo(tokens, out, preset=preset, seeds=seed_list, steps=steps,
-                     checkpoints=ckpt_list, heldout=heldout, workers=workers, lr=lr,
-                     batch_size=batch_size, ctx=ctx, eval_every=eval_every)
+    from ..relocate import relocated
+
+    with relocated(tokenizer=tokenizer):
+        path = train_zoo(tokens, out, preset=preset, seeds=seed_list, steps=steps,
+                         checkpoints=ckpt_list, heldout=heldout, workers=workers, lr=lr,
+                         batch_size=batch_size, ctx=ctx, eval_every=eval_every)
     _print_info(zoo_info(path), console)
 
 

@@ -19,7 +19,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import __version__
-from ..config import Device
+from ..config import MAX_BATCH, MAX_INT, MAX_TOP_K, Device
 from ..errors import UnineuronsError
 from ..io import atomic_path
 from ..rundir import RunDir
@@ -42,14 +42,14 @@ class ReportConfig(BaseModel):
     models: bool = Field(True, description="Load the run's models (when they load unchanged) for "
                          "what the tables lack: the whole-vocabulary cosine histogram and the "
                          "activation of every token of the top-context windows. Off: tables only.")
-    max_context_neurons: int = Field(2000, ge=0, description="Per model, neurons whose top "
+    max_context_neurons: int = Field(2000, ge=0, le=MAX_INT, description="Per model, neurons whose top "
                                      "contexts and vocabulary are embedded (universal neurons and "
                                      "their matches first); bounds the report's size.")
-    vocab_k: int = Field(10, ge=1, description="Promoted / suppressed tokens shown per neuron.")
+    vocab_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Promoted / suppressed tokens shown per neuron.")
     vocab_neuron: str | None = Field(None, description="Neuron of the vocabulary histogram: "
                                      "L3.N12 (reference model) or MODEL_INDEX:L3.N12; default: "
                                      "the most universal neuron with vocabulary rows.")
-    batch_size: int = Field(8, ge=1, description="Contexts per forward pass when recomputing "
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Contexts per forward pass when recomputing "
                             "window activations.")
     device: Device = Field("cpu", description="cpu or cuda[:i] for the model passes.")
     dynamics: str | None = Field(None, description="A run directory of `unineurons dynamics` "
