@@ -181,22 +181,32 @@ def run_model_source(entry: dict) -> str:
     """What to load for a run's model entry (``spec``, ``location``): the folder it was made
     from (recorded absolute), the spec when that is a folder from here, or the hub id.
 
+    A folder given for it (``--model-path SPEC=FOLDER``, :func:`unineurons.relocate.relocated`)
+    wins; the caller checks the weights' sha256 either way.
+
     Raises :class:`UnineuronsError` when the model was a local folder that is gone: it is
     never looked up on the hub instead."""
+    from .relocate import moved_model
+
     spec, loc = str(entry["spec"]), entry.get("location")
+    moved = moved_model(spec, loc)
+    if moved is not None:
+        return moved
     if loc and Path(loc).is_absolute():
         if Path(loc).is_dir():
             return loc
         raise UnineuronsError(
             f"model {spec}: the run was made from the folder {loc}, which no longer exists (moved "
-            "or deleted); put it back there (its weights' sha256 is checked)"
+            f"or deleted); put it back there, or pass --model-path {spec}=FOLDER (its weights' "
+            "sha256 is checked)"
         )
     if Path(spec).expanduser().is_dir():
         return spec
     if spec.startswith((".", "/", "~")) or (loc and Path(loc) != Path(spec.partition("@")[0])):
         raise UnineuronsError(
             f"model {spec}: the run recorded a local folder that does not exist from "
-            f"{Path.cwd()}; run the command from the folder the run was made in"
+            f"{Path.cwd()}; run the command from the folder the run was made in, or pass "
+            f"--model-path {spec}=FOLDER"
         )
     return spec
 

@@ -25,19 +25,34 @@ import tomllib
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .analyses.ablate import AblateConfig
 from .analyses.analyze import AnalyzeConfig
 from .analyses.dynamics import DynamicsConfig
-from .config import Backend, check_model_ranges, describe_error, without_backend
+from .config import (
+    MAX_BATCH,
+    MAX_CTX,
+    MAX_DRAWS,
+    MAX_INT,
+    MAX_SEED,
+    MAX_VOCAB,
+    MAX_WORKERS,
+    Backend,
+    check_model_ranges,
+    describe_error,
+    without_backend,
+)
 from .errors import UnineuronsError
 from .io import prepare_out_dir, read_json, read_text, write_json
 from .report.build import ReportConfig
 
 __all__ = ["PipelineConfig", "load_config", "run_pipeline", "builtin_config"]
+
+#: A seed: numpy and torch take uint32.
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class _Section(BaseModel):
@@ -46,30 +61,31 @@ class _Section(BaseModel):
 
 class TokenizerStage(_Section):
     source: str = Field("stdlib", description="Corpus the BPE tokenizer is trained on.")
-    vocab_size: int = Field(4096, ge=260, description="Vocabulary size, special tokens included.")
-    max_chars: int = Field(20_000_000, ge=1, description="Train on at most this many characters.")
+    vocab_size: int = Field(4096, ge=259, le=MAX_VOCAB, description="Vocabulary size, special tokens included.")
+    max_chars: int = Field(20_000_000, ge=1, le=MAX_INT, description="Train on at most this many characters.")
 
 
 class TokensStage(_Section):
     source: str = Field("stdlib", description="Corpus the token stores are cut from.")
-    ctx: int = Field(128, ge=2, description="Context length: BOS + ctx-1 tokens.")
-    train_tokens: int = Field(4_000_000, ge=1, description="Tokens in the training store.")
-    heldout_tokens: int = Field(262_144, ge=1, description="Tokens in the held-out store.")
-    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of documents held out.")
-    seed: int = Field(0, description="Document-order seed.")
+    ctx: int = Field(128, ge=2, le=MAX_CTX, description="Context length: BOS + ctx-1 tokens.")
+    train_tokens: int = Field(4_000_000, ge=1, le=MAX_INT, description="Tokens in the training store.")
+    heldout_tokens: int = Field(262_144, ge=1, le=MAX_INT, description="Tokens in the held-out store.")
+    heldout_fraction: float = Field(0.1, gt=0, le=0.9, description="Share of documents held out.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Document-order seed.")
 
 
 class ZooStage(_Section):
     preset: Literal["micro", "tiny", "small"] = "tiny"
-    seeds: list[int] = Field([0, 1, 2, 3, 4], min_length=2, description="One model per seed.")
-    steps: int | None = Field(None, ge=1, description="Optimizer steps (default: the preset's).")
-    checkpoints: list[int] | None = Field(None, description="Steps to save (the last always).")
-    workers: int | None = Field(None, ge=1, description="Training processes (default: cores).")
-    lr: float | None = Field(None, gt=0, description="Peak learning rate override.")
-    batch_size: int | None = Field(None, ge=1, description="Contexts per step override.")
-    init_seeds: list[int] | None = Field(None, description="With data_seeds: train the seed "
+    seeds: list[Seed] = Field([0, 1, 2, 3, 4], min_length=2, description="One model per seed.")
+    steps: int | None = Field(None, ge=1, le=MAX_INT, description="Optimizer steps (default: the preset's).")
+    checkpoints: list[Annotated[int, Field(ge=1, le=MAX_INT)]] | None = Field(
+        None, description="Steps to save (the last always).")
+    workers: int | None = Field(None, ge=1, le=MAX_WORKERS, description="Training processes (default: cores).")
+    lr: float | None = Field(None, gt=0, le=1, description="Peak learning rate override.")
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH, description="Contexts per step override.")
+    init_seeds: list[Seed] | None = Field(None, description="With data_seeds: train the seed "
                                          "grid init{I}-data{D} instead of seeds.")
-    data_seeds: list[int] | None = Field(None, description="Data-order seeds of the grid.")
+    data_seeds: list[Seed] | None = Field(None, description="Data-order seeds of the grid.")
 
     def members(self) -> list:
         """The zoo's members: ``seeds``, or the grid's ``init{I}-data{D}`` names."""
@@ -89,15 +105,17 @@ class ZooStage(_Section):
 
 
 class CorrelateStage(_Section):
-    reference_seed: int = Field(0, description="The zoo seed whose neurons are tested.")
-    step: int | None = Field(None, description="Zoo checkpoint step (default: the last).")
-    n_tokens: int | None = Field(None, ge=1, description="Held-out tokens used (default: all).")
+    reference_seed: int = Field(0, ge=0, le=MAX_SEED, description="The zoo seed whose neurons are tested.")
+    step: int | None = Field(None, ge=1, le=MAX_INT, description="Zoo checkpoint step (default: the last).")
+    n_tokens: int | None = Field(None, ge=1, le=MAX_INT, description="Held-out tokens used (default: all).")
     pairs: Literal["reference", "all"] = "reference"
-    threshold: float = 0.5
-    null_rotations: int = Field(32, ge=0, description="Rotations of the calibrated null per layer.")
+    threshold: float = Field(0.5, ge=-1, le=1, description="Universal if excess correlation > threshold.")
+    null_rotations: int = Field(32, ge=0, le=MAX_DRAWS, description="Rotations of the calibrated null per layer.")
     fdr: float = Field(0.01, gt=0, lt=1, description="Calibrated universal if BH q < fdr.")
     split_half: bool = Field(False, description="Universal sets of two halves of the tokens too.")
-    batch_size: int = Field(16, ge=1)
+    similarity: bool = Field(True, description="Layer similarity (CKA, ridge) and one-to-one "
+                             "matching too.")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     memory_budget: str = "8GB"
     dtype: Literal["float32", "tf32", "bfloat16", "float64"] = "float32"
 
@@ -135,7 +153,7 @@ class PipelineConfig(_Section):
 
 
 def _validation_error(e: ValidationError, where: str) -> UnineuronsError:
-    return UnineuronsError(f"{where}: {describe_error(e, option_style=False)}")
+    return UnineuronsError(f"{where}: {describe_error(e, option_style=False, model=PipelineConfig)}")
 
 
 def load_config(path: str | Path | None = None, text: str | None = None,
@@ -316,5 +334,6 @@ def _correlate(cfg: PipelineConfig, zoo_dir: Path, held_dir: Path, run_dir: Path
     cc = CorrelateConfig(models=zoo_models(zoo_dir, seeds, c.step), tokens=str(held_dir),
                          n_tokens=c.n_tokens, pairs=c.pairs, threshold=c.threshold,
                          null_rotations=c.null_rotations, fdr=c.fdr, split_half=c.split_half,
+                         similarity=c.similarity,
                          batch_size=c.batch_size, memory_budget=c.memory_budget, dtype=c.dtype)
     return run_correlate(cc, run_dir, resume=True)

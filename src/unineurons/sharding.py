@@ -123,7 +123,7 @@ def model_job(models: list[LoadedModel], tokens: str | Path, device: str) -> dic
     store = TokenStore.open(tokens, verify=False)
     locs = []
     for m in models:
-        ms = parse_model_spec(m.name)
+        ms = getattr(m, "spec", None) or parse_model_spec(m.name)  # where it was loaded from
         locs.append(str(Path(ms.location).resolve()) if ms.local else m.name)
     return {"locations": locs, "specs": [m.name for m in models],
             "weights": [m.weights_sha256 for m in models], "tokens": str(Path(tokens).resolve()),

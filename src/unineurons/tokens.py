@@ -331,7 +331,12 @@ class TokenStore:
         Raises :class:`UnineuronsError` when it was a local folder that no longer exists: it
         is never taken for a hub id then."""
         from .checks import resolve_path
+        from .relocate import moved_tokenizer
 
+        given = moved_tokenizer()  # --tokenizer DIR: used when its vocabulary is the store's
+        if given is not None:
+            self._check_tokenizer(given)
+            return given
         recorded = str(self._tok["path"])
         found = resolve_path(recorded, self.path)
         if found is not None and found.is_dir():
@@ -342,10 +347,23 @@ class TokenStore:
         if was_local:
             raise UnineuronsError(
                 f"token store {self.path}: its tokenizer folder {recorded} no longer exists (moved "
-                "or deleted); put it back, or rebuild the store with `unineurons tokens build "
-                "--tokenizer DIR`"
+                "or deleted); put it back, or pass --tokenizer DIR (the folder it is in now; its "
+                "vocabulary is checked)"
             )
         return recorded  # a hub id such as gpt2
+
+    def _check_tokenizer(self, folder: str) -> None:
+        """Refuse a tokenizer folder given for this store whose vocabulary is not the one the
+        store was built with (its token ids would mean other words)."""
+        from .models.load import load_tokenizer, vocab_fingerprint
+
+        want = self._tok.get("vocab_sha256")
+        if want is not None and vocab_fingerprint(load_tokenizer(folder)) != want:
+            raise UnineuronsError(
+                f"option --tokenizer {folder}: not the tokenizer token store {self.path} was built "
+                f"with (another vocabulary); pass the folder its tokenizer ({self._tok['path']}) "
+                "was moved to"
+            )
 
     @property
     def vocab_sha256(self) -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -36,7 +36,7 @@ from pydantic import ConfigDict, Field, field_validator
 
 from ..accumulators.moments import Moments
 from ..checks import check_store_models
-from ..config import Backend, Device
+from ..config import MAX_BATCH, MAX_DRAWS, MAX_INT, MAX_SEED, Backend, Device
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
 from ..stream import activation_stream
@@ -91,20 +91,20 @@ class AblateConfig(Backend):
         list(SET_NAMES), description="Neuron sets to ablate.")
     method: str = Field("zero", description="zero, mean (each neuron's mean activation on the "
                         "same tokens) or value:X (activation fixed at X).")
-    sizes: list[int | Literal["all"]] = Field(
+    sizes: list[Annotated[int, Field(ge=1, le=MAX_INT)] | Literal["all"]] = Field(
         _DEFAULT_SIZES, description="Set sizes; 'all' = the whole universal set.")
     per_layer: bool = Field(False, description="Also ablate the sets one layer at a time.")
-    random_draws: int = Field(5, ge=1, description="Random sets drawn per size.")
+    random_draws: int = Field(5, ge=1, le=MAX_DRAWS, description="Random sets drawn per size.")
     rank_all: bool = Field(False, description="Rank every neuron by excess correlation for the "
                            "universal set, below the threshold too.")
     tokens: str | None = Field(None, description="Token store folder; the run's when unset.")
-    n_tokens: int | None = Field(None, ge=1, description="Evaluate on the first ceil(N / ctx) "
+    n_tokens: int | None = Field(None, ge=1, le=MAX_INT, description="Evaluate on the first ceil(N / ctx) "
                                  "contexts; the run's token count (run's store) or the whole "
                                  "store when unset. Each configuration costs one forward pass.")
-    seed: int = Field(0, description="Seed of the random sets.")
-    batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the random sets.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Contexts per forward pass.")
     device: Device = Field("cpu", description="cpu or cuda[:i].")
-    n_bootstrap: int = Field(DEFAULT_BOOTSTRAP, ge=0, description="Paired-bootstrap resamples "
+    n_bootstrap: int = Field(DEFAULT_BOOTSTRAP, ge=0, le=1 << 20, description="Paired-bootstrap resamples "
                              "of the contexts behind each effect's 95% interval (seeded with "
                              "seed); 0: no intervals.")
 

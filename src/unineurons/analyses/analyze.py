@@ -27,7 +27,7 @@ import pandas as pd
 from pydantic import ConfigDict, Field, field_validator
 
 from ..checks import check_store_models
-from ..config import Backend, Device
+from ..config import MAX_BATCH, MAX_CTX, MAX_INT, MAX_SEED, MAX_TOP_K, MAX_VOCAB, Backend, Device
 from ..errors import UnineuronsError
 from ..features import Vocabulary, get_features, load_feature_module, token_class_from_file
 from ..models.adapters import parse_neuron
@@ -60,19 +60,19 @@ class AnalyzeConfig(Backend):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     tokens: str | None = Field(None, description="Token store folder; default: the run's own.")
-    n_tokens: int | None = Field(None, ge=1, description="Use the first ceil(N / ctx) contexts; "
+    n_tokens: int | None = Field(None, ge=1, le=MAX_INT, description="Use the first ceil(N / ctx) contexts; "
                                  "default: the run's token count (all of another store).")
     neurons: str = Field("auto", description="Neurons for the family statistics: 'universal' "
                          "(universal ones plus as many seeded random others), 'all', a FILE of "
                          "addresses (L3.N12, one per line), or 'auto' (universal when the run has "
                          "universality, else all up to max_neurons, else a seeded sample).")
-    max_neurons: int = Field(50_000, ge=1, description="'auto' without universality: sample this "
+    max_neurons: int = Field(50_000, ge=1, le=MAX_INT, description="'auto' without universality: sample this "
                              "many neurons per model when it has more.")
-    batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
-    top_k: int = Field(10, ge=1, description="Top activating tokens kept per neuron.")
-    window_before: int = Field(24, ge=0, description="Tokens before the top token in its window.")
-    window_after: int = Field(8, ge=0, description="Tokens after the top token in its window.")
-    unigram_top_n: int = Field(256, ge=1, description="Unigram / previous-token features: the N "
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Contexts per forward pass.")
+    top_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Top activating tokens kept per neuron.")
+    window_before: int = Field(24, ge=0, le=MAX_CTX, description="Tokens before the top token in its window.")
+    window_after: int = Field(8, ge=0, le=MAX_CTX, description="Tokens after the top token in its window.")
+    unigram_top_n: int = Field(256, ge=1, le=MAX_VOCAB, description="Unigram / previous-token features: the N "
                                "most frequent tokens of the tokens analysed.")
     features: tuple[str, ...] | None = Field(None, description="Library features of the 'class' "
                                              "family; default: every registered one.")
@@ -84,12 +84,12 @@ class AnalyzeConfig(Backend):
                                 "class family needs variance reduction >= this.")
     position_threshold: float = Field(0.3, ge=0, le=1, description="A position family needs "
                                       "I(fires; position) / H(fires) >= this.")
-    n_ranked: int = Field(3, ge=1, description="Best features per neuron in families.parquet.")
-    vocab_k: int = Field(20, ge=1, description="Tokens per neuron, side and direction in "
+    n_ranked: int = Field(3, ge=1, le=1 << 10, description="Best features per neuron in families.parquet.")
+    vocab_k: int = Field(20, ge=1, le=MAX_TOP_K, description="Tokens per neuron, side and direction in "
                          "vocab.parquet (highest / lowest cosine).")
-    seed: int = Field(0, description="Seed of the neuron samples.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the neuron samples.")
     device: Device = Field("cpu", description="cpu or cuda[:i].")
-    checkpoint_tokens: int = Field(1_000_000, ge=1, description="Save the token pass's resumable "
+    checkpoint_tokens: int = Field(1_000_000, ge=1, le=MAX_INT, description="Save the token pass's resumable "
                                    "state every this many tokens (--resume continues from it).")
     roles: RoleConfig = Field(RoleConfig(), description="Functional roles: thresholds and the "
                               "entropy / attention analyses (analyses.roles).")

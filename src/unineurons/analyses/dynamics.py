@@ -32,13 +32,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import BACKEND_FIELDS, Backend, Device, without_backend
+from ..config import (
+    BACKEND_FIELDS,
+    MAX_BATCH,
+    MAX_DRAWS,
+    MAX_INT,
+    MAX_SEED,
+    Backend,
+    Device,
+    without_backend,
+)
 from ..errors import UnineuronsError
 from ..rundir import RunDir
 from .ablate import AblateConfig
@@ -54,7 +63,8 @@ __all__ = ["DynamicsConfig", "DynamicsResult", "run_dynamics", "expand_template"
            "zoo_step_models", "plan_models", "correlate_config", "with_defaults"]
 
 #: DynamicsConfig fields handed to every step's CorrelateConfig unchanged.
-_CORRELATE_FIELDS = ("n_tokens", "pairs", "threshold", "null_rotations", "fdr", "ceiling", "batch_size",
+_CORRELATE_FIELDS = ("n_tokens", "pairs", "threshold", "null_rotations", "fdr", "similarity",
+                     "ceiling", "batch_size",
                      "accumulate_tokens", "device", "dtype", "memory_budget", "seed",
                      "drop_newline", *sorted(BACKEND_FIELDS))
 
@@ -68,41 +78,45 @@ class DynamicsConfig(Backend):
 
     zoo: str | None = Field(None, description="Seed zoo folder (`unineurons zoo train`); its "
                             "checkpoints are the steps. Give either zoo or model_template.")
-    seeds: list[int] | None = Field(None, description="Zoo seeds to compare; every seed of the "
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
+        None, description="Zoo seeds to compare; every seed of the "
                                     "zoo when unset.")
-    reference_seed: int = Field(0, description="Zoo seed whose neurons are followed: the "
+    reference_seed: int = Field(0, ge=0, le=MAX_SEED, description="Zoo seed whose neurons are followed: the "
                                 "reference of every step's correlate stage.")
     model_template: str | None = Field(None, description="Model spec with {name} and {step}, "
                                        "e.g. 'stanford-crfm/{name}@checkpoint-{step}'.")
     names: list[str] | None = Field(None, description="Values of {name} in model_template; the "
                                     "first is the reference.")
-    steps: list[int] | None = Field(None, description="Checkpoint steps, analysed in ascending "
+    steps: list[Annotated[int, Field(ge=0, le=MAX_INT)]] | None = Field(
+        None, description="Checkpoint steps, analysed in ascending "
                                     "order; with a zoo, every checkpoint all seeds have when unset.")
     tokens: str | None = Field(None, description="Token store the correlations are measured on "
                                "(use a held-out store).")
-    n_tokens: int | None = Field(None, ge=1, description="Use the first ceil(N / ctx) contexts "
+    n_tokens: int | None = Field(None, ge=1, le=MAX_INT, description="Use the first ceil(N / ctx) contexts "
                                  "at every step; all when unset.")
     universal: str = Field("threshold", description=(
         "Which neurons form U_t: 'threshold' = excess correlation > threshold (Gurnee et al.); "
         "'top:S' = the share S of each model's neurons with the highest excess correlation "
         "(small zoos have few neurons above 0.5); 'calibrated' = BH q < fdr against each "
         "neuron's rotation null (is_universal_calibrated)."))
-    null_rotations: int = Field(32, ge=0, description="Rotations of the calibrated null per layer "
+    null_rotations: int = Field(32, ge=0, le=MAX_DRAWS, description="Rotations of the calibrated null per layer "
                                 "(each step's is_universal_calibrated); 0: none.")
     fdr: float = Field(0.01, gt=0, lt=1, description="Calibrated universal if BH q < fdr.")
-    threshold: float = Field(0.5, description="Universal if excess correlation > threshold "
+    similarity: bool = Field(True, description="Each step's layer similarity and one-to-one "
+                             "matching too (correlate --similarity).")
+    threshold: float = Field(0.5, ge=-1, le=1, description="Universal if excess correlation > threshold "
                              "(also the correlate stage's is_universal in each step's run).")
     pairs: Literal["reference", "all"] = Field("reference", description=(
         "reference: follow the reference model's neurons; all: every model's."))
     ceiling: bool = Field(True, description="Also compute the rotated-self ceiling per step.")
-    batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
-    accumulate_tokens: int | None = Field(None, ge=1, description="Kept tokens buffered per "
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Contexts per forward pass.")
+    accumulate_tokens: int | None = Field(None, ge=1, le=1 << 30, description="Kept tokens buffered per "
                                           "co-moment fold; the correlate stage picks when unset.")
     device: Device = Field("cpu", description="cpu or cuda[:i].")
     dtype: Literal["float32", "tf32", "bfloat16", "float64"] = Field(
         "float32", description="Dtype of each batch's cross product (accumulation is float64).")
     memory_budget: str = Field("8GB", description="Memory for one step's accumulators.")
-    seed: int = Field(0, description="Seed of the random rotations (the baseline).")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the random rotations (the baseline).")
     drop_newline: bool = Field(True, description="Drop newline positions (as in the paper).")
     ablate: AblateConfig | None = Field(None, description=(
         "Group ablations at every step (the ablate stage's options); none when unset."))

@@ -176,7 +176,9 @@ def emergence_table(layers: pd.DataFrame, marked: pd.DataFrame) -> pd.DataFrame:
     and ``member`` columns added. ``marked``: one row per (step, member, layer, neuron) with
     ``is_universal`` by the analysis' rule. Output: the ``layers`` rows with ``universal``
     and ``universal_share`` recounted from ``marked`` (equal to the correlate stage's own
-    under the threshold rule at the same threshold), sorted by member (in the order they
+    under the threshold rule at the same threshold) and, when ``layers`` has the correlate
+    stage's ``universal``, that count kept as ``universal_paper`` / ``universal_paper_share``
+    (the paper's criterion beside any rule), sorted by member (in the order they
     first appear in ``layers``), step and layer.
     """
     _check(layers, ("step", "member", "layer", "neurons"), "emergence_table")
@@ -184,6 +186,9 @@ def emergence_table(layers: pd.DataFrame, marked: pd.DataFrame) -> pd.DataFrame:
     counts = (marked.groupby(["step", "member", "layer"], sort=False)["is_universal"]
               .sum().astype(np.int64).rename("universal").reset_index())
     out = layers.drop(columns=[c for c in ("universal", "universal_share") if c in layers])
+    if "universal" in layers and "neurons" in layers:  # the correlate stage's paper count
+        out["universal_paper"] = layers["universal"].astype(np.int64)
+        out["universal_paper_share"] = out["universal_paper"] / out["neurons"]
     out = out.merge(counts, on=["step", "member", "layer"], how="left", validate="one_to_one")
     out["universal"] = out["universal"].fillna(0).astype(np.int64)
     out["universal_share"] = out["universal"] / out["neurons"]

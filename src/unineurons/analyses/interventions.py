@@ -32,7 +32,7 @@ from torch import nn
 from ..accumulators.base import register
 from ..accumulators.contexts import ContextSums
 from ..checks import check_store_models, run_model_source
-from ..config import Device
+from ..config import MAX_BATCH, MAX_DRAWS, MAX_INT, MAX_SEED, Device
 from ..errors import UnineuronsError
 from ..models.adapters import neuron_name, parse_neuron
 from ..models.load import LoadedModel, load_model
@@ -456,15 +456,15 @@ class InterveneConfig(BaseModel):
         [-1.0, 0.0, 1.0, 2.0, 4.0, 6.0],
         description="Activation values each neuron is fixed at, on every position.")
     random_baseline: int = Field(
-        5, ge=0, description="Random last-layer neurons (not among the targets) given the same "
+        5, ge=0, le=MAX_DRAWS, description="Random last-layer neurons (not among the targets) given the same "
         "interventions as a baseline.")
     tokens: str | None = Field(
         None, description="Token store folder; the run's token store when unset.")
     n_tokens: int | None = Field(
-        None, ge=1, description="Evaluate on the first ceil(N / ctx) contexts; the run's token "
+        None, ge=1, le=MAX_INT, description="Evaluate on the first ceil(N / ctx) contexts; the run's token "
         "count with the run's store, the whole store otherwise, when unset.")
-    seed: int = Field(0, description="Seed of the random baseline neurons.")
-    batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the random baseline neurons.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Contexts per forward pass.")
     device: Device = Field("cpu", description="cpu or cuda[:i].")
 
     @field_validator("neurons")

@@ -41,6 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..accumulators.moments import Moments
+from ..config import MAX_BATCH, MAX_DRAWS, MAX_SEED
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
 from .attention import attention_scores
@@ -60,14 +61,14 @@ class RoleConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     prediction_kurt: float = Field(
-        10.0, description="vocab_kurt (non-excess) above which a neuron is a prediction "
+        10.0, ge=0, description="vocab_kurt (non-excess) above which a neuron is a prediction "
         "(vocab_skew > 0) or suppression (vocab_skew < 0) neuron.")
     partition_var: float = Field(
         0.005, ge=0, description="vocab_var above which a neuron is a partition neuron.")
     entropy_layers: int = Field(
-        1, ge=1, description="Entropy neurons are searched in the last N layers.")
+        1, ge=1, le=1 << 12, description="Entropy neurons are searched in the last N layers.")
     entropy_null_dims: int | None = Field(
-        None, ge=1, description="Bottom singular directions of the folded unembedding that "
+        None, ge=1, le=1 << 20, description="Bottom singular directions of the folded unembedding that "
         "form its effective null space; 2% of d_model (at least 1) when unset.")
     entropy_min_null_frac: float = Field(
         0.5, ge=0, le=1, description="Least share of |w_out|^2 in the null space for an "
@@ -76,10 +77,10 @@ class RoleConfig(BaseModel):
         0.9, ge=0, le=1, description="An entropy candidate's w_out_norm is at least this "
         "quantile of its layer's.")
     entropy_max_candidates: int = Field(
-        10, ge=0, description="At most this many candidates (largest null-space norm first) "
+        10, ge=0, le=1 << 20, description="At most this many candidates (largest null-space norm first) "
         "are confirmed by intervention.")
     entropy_n_random: int = Field(
-        10, ge=0, description="Random neurons of the same late layers given the same "
+        10, ge=0, le=MAX_DRAWS, description="Random neurons of the same late layers given the same "
         "interventions as the baseline.")
     entropy_values: tuple[float, ...] = Field(
         (0.0, 1.0, 2.0, 4.0), min_length=1, description="Activation values each tested "
@@ -88,7 +89,7 @@ class RoleConfig(BaseModel):
         "scale", description="'scale': entropy_values times the neuron's largest absolute "
         "activation on the evaluation tokens; 'absolute': the values as given.")
     entropy_n_contexts: int = Field(
-        32, ge=1, description="Contexts (from the start of the token store) the interventions "
+        32, ge=1, le=1 << 30, description="Contexts (from the start of the token store) the interventions "
         "are evaluated on.")
     entropy_effect_factor: float = Field(
         2.0, ge=0, description="A confirmed entropy neuron moves mean entropy at least this "
@@ -97,23 +98,23 @@ class RoleConfig(BaseModel):
         2.0, ge=0, description="... and at least this many times as much as it moves the "
         "mean loss (largest absolute changes over the values, in nats).")
     attn_n_contexts: int = Field(
-        8, ge=1, description="Contexts whose BOS keys are averaged for the attention scores.")
+        8, ge=1, le=1 << 30, description="Contexts whose BOS keys are averaged for the attention scores.")
     attn_n_random: int = Field(
-        1000, ge=2, description="Random residual directions forming each head's baseline.")
+        1000, ge=2, le=1 << 20, description="Random residual directions forming each head's baseline.")
     attn_z: float = Field(
         3.0, gt=0, description="Neuron-head pairs with |z| at least this go to "
         "attention.parquet and count in attn_n_heads.")
     attn_role_z: float = Field(
         5.0, gt=0, description="|attn_max_z| at least this makes an attention neuron (stricter "
         "than attn_z: each neuron is tested against every later head).")
-    batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
-    seed: int = Field(0, description="Seed of the random neurons and random directions.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Contexts per forward pass.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the random neurons and random directions.")
     thresholds: Literal["paper", "calibrated"] = Field(
         "paper", description="Which rule fills the role column: 'paper' (the fixed thresholds "
         "prediction_kurt, partition_var) or 'calibrated' (beyond the null_quantile of random "
         "directions); both are always written, as role_paper and role_calibrated.")
     null_directions: int = Field(
-        10_000, ge=1, description="Seeded random unit directions of d_model (folded and "
+        10_000, ge=1, le=1 << 24, description="Seeded random unit directions of d_model (folded and "
         "centred like w_out) whose vocabulary statistics form the calibrated rule's null.")
     null_quantile: float = Field(
         0.999, gt=0.5, lt=1, description="Calibrated rule: a vocabulary statistic must lie beyond "

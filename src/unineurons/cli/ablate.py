@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from ..config import build
+from ..relocate import hold as hold_moved
 from . import options as _opts
 from .options import BACKEND, CPUS_PER_WORKER, RAY_ADDRESS, WORKERS
 
@@ -79,6 +80,7 @@ def ablate(
     step: int | None = _opts.FAMILY_STEP,
     families_file: list[Path] | None = _opts.FAMILIES_FILE,
     safetensors_only: bool = _opts.SAFETENSORS_ONLY,
+    model_path: list[str] | None = _opts.MODEL_PATH,
 ) -> None:
     """Group ablations: universal vs non-universal vs random neurons -> RUN/ablations.parquet."""
     from ..analyses.ablate import AblateConfig, run_ablations
@@ -88,6 +90,7 @@ def ablate(
 
     model = family_models(model, family, seeds, step, families_file)
     hold_safetensors_only(ctx, safetensors_only)
+    hold_moved(ctx, model_path)
     cfg = build(AblateConfig, models=model or None, sets=_items(sets, "--sets"), method=method,
                 sizes=_sizes(sizes), per_layer=per_layer, random_draws=random_draws,
                 rank_all=rank_all, tokens=None if tokens is None else str(tokens),
@@ -132,12 +135,14 @@ def intervene(
     batch_size: int = typer.Option(8, "--batch-size", help="Contexts per forward pass."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:i]."),
     safetensors_only: bool = _opts.SAFETENSORS_ONLY,
+    model_path: list[str] | None = _opts.MODEL_PATH,
 ) -> None:
     """Fix single neurons at several values on every position -> RUN/interventions.parquet."""
     from ..analyses.interventions import InterveneConfig, run_interventions
     from .families import hold_safetensors_only
 
     hold_safetensors_only(ctx, safetensors_only)
+    hold_moved(ctx, model_path)
     from ..rundir import RunDir
     from . import console
 

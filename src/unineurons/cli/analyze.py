@@ -88,7 +88,8 @@ def _role_settings(items: list[str]) -> dict:
 
 
 def register(app: typer.Typer) -> None:
-    from .options import FAMILIES_FILE, FAMILY, FAMILY_SEEDS, FAMILY_STEP, SAFETENSORS_ONLY
+    from ..relocate import hold as hold_moved
+    from .options import FAMILIES_FILE, FAMILY, FAMILY_SEEDS, FAMILY_STEP, MODEL_PATH, SAFETENSORS_ONLY
 
     @app.command("analyze")
     def analyze(
@@ -170,6 +171,7 @@ def register(app: typer.Typer) -> None:
         step: int = FAMILY_STEP,
         families_file: list[Path] = FAMILIES_FILE,
         safetensors_only: bool = SAFETENSORS_ONLY,
+        model_path: list[str] = MODEL_PATH,
     ) -> None:
         """Per-neuron statistics (moments, activation frequency), top activating contexts,
         neuron families and universal-vs-other properties, added to the run directory."""
@@ -179,6 +181,7 @@ def register(app: typer.Typer) -> None:
 
         model = family_models(model, family, seeds, step, families_file)
         hold_safetensors_only(ctx, safetensors_only)
+        hold_moved(ctx, model_path)
         if run is None and not model:
             raise UnineuronsError("analyze needs a RUN directory, or --model M --tokens DIR "
                                   "--out RUN for a model on its own")

@@ -93,6 +93,9 @@ def register(app: typer.Typer) -> None:
         split_half: bool = typer.Option(False, help=(
             "Also find the universal sets on two disjoint halves of the contexts: Jaccard and "
             "excess correlation r between them per layer (split_half.parquet).")),
+        similarity: bool = typer.Option(True, "--similarity/--no-similarity", help=(
+            "Layer similarity (CKA, ridge R²: layer_similarity.parquet) and one-to-one matching "
+            "(assigned_neuron, mutual_best in matches.parquet); off saves their time and memory.")),
         ceiling: bool = typer.Option(True, help=(
             "Correlate each model with its own rotated activations (ceiling_corr, excess_norm)."
         )),
@@ -140,7 +143,7 @@ def register(app: typer.Typer) -> None:
         cfg = build(
             CorrelateConfig, models=model, tokens=str(tokens), n_tokens=n_tokens, pairs=pairs,
             baseline=baseline, threshold=threshold, null_rotations=null_rotations, fdr=fdr,
-            split_half=split_half, ceiling=ceiling, top_k=top_k,
+            split_half=split_half, similarity=similarity, ceiling=ceiling, top_k=top_k,
             batch_size=batch_size, accumulate_tokens=accumulate_tokens, device=device, dtype=dtype,
             memory_budget=memory_budget,
             seed=seed, save_full_matrix=save_full_matrix, checkpoint_tokens=checkpoint_tokens,
@@ -179,6 +182,8 @@ def register(app: typer.Typer) -> None:
         ceiling: bool = typer.Option(True, help="Plan the rotated-self ceiling too."),
         null_rotations: int = typer.Option(32, help="Rotations of the calibrated null per layer."),
         split_half: bool = typer.Option(False, help="Plan the second half's accumulators too."),
+        similarity: bool = typer.Option(True, "--similarity/--no-similarity", help=(
+            "Plan the working memory of layer similarity and matching.")),
         flops_per_s: float = typer.Option(None, help=(
             "Matmul rate for the time estimate (default: measure fp32 GEMM here).")),
         workers: int = typer.Option(1, help="Machines (Ray workers) sharing the tokens."),
@@ -192,7 +197,8 @@ def register(app: typer.Typer) -> None:
         cfg = build(CorrelateConfig, models=model, tokens="-", pairs=pairs, dtype=dtype,
                            device=device, batch_size=batch_size, accumulate_tokens=accumulate_tokens,
                            memory_budget=memory_budget, ceiling=ceiling,
-                           null_rotations=null_rotations, split_half=split_half)
+                           null_rotations=null_rotations, split_half=split_half,
+                           similarity=similarity)
         est = estimate(cfg, n_tokens, ctx, rate=flops_per_s, workers=workers)
         p = est.plan
         t = Table(title=f"plan: {len(model)} models, {n_tokens:,} tokens, budget {fmt_bytes(p.budget)}",

@@ -122,6 +122,8 @@ def dynamics(
     null_rotations: int = typer.Option(32, "--null-rotations", help="Rotations of the calibrated "
                                        "null per layer; 0: paper criterion only."),
     fdr: float = typer.Option(0.01, "--fdr", help="Calibrated universal if BH q < fdr."),
+    similarity: bool = typer.Option(True, "--similarity/--no-similarity", help="Each step's "
+                                    "layer similarity and one-to-one matching too."),
     threshold: float = typer.Option(0.5, "--threshold", help="Universal if excess correlation "
                                     "> threshold (Gurnee et al.: 0.5)."),
     pairs: str = typer.Option("reference", "--pairs", help="reference: follow the reference "
@@ -191,7 +193,7 @@ def dynamics(
         names=None if names is None else _names(names, "--names"),
         steps=None if steps is None else list(parse_int_list(steps, "--steps")),
         tokens=str(tokens), n_tokens=n_tokens, universal=universal, threshold=threshold,
-        null_rotations=null_rotations, fdr=fdr,
+        null_rotations=null_rotations, fdr=fdr, similarity=similarity,
         pairs=pairs, batch_size=batch_size, device=device, dtype=dtype,
         memory_budget=memory_budget, drop_newline=not keep_newline, ablate=acfg if ablate else None,
         backend=backend,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import typer
 
 __all__ = ["BACKEND", "RAY_ADDRESS", "WORKERS", "CPUS_PER_WORKER", "CHECKPOINT_TOKENS",
-           "SAFETENSORS_ONLY", "FAMILY", "FAMILY_SEEDS", "FAMILY_STEP", "FAMILIES_FILE"]
+           "SAFETENSORS_ONLY", "FAMILY", "FAMILY_SEEDS", "FAMILY_STEP", "FAMILIES_FILE",
+           "MODEL_PATH"]
 
 BACKEND = typer.Option("local", help=(
     "local: this process; ray: token shards on Ray workers, states merged here "
@@ -34,4 +35,8 @@ FAMILY_STEP = typer.Option(None, "--step", help=(
 FAMILIES_FILE = typer.Option(None, "--families-file", help=(
     "Extra seed family file (TOML like the built-in registry); repeat. Also: "
     "UNINEURONS_SEED_FAMILIES."
+))
+MODEL_PATH = typer.Option(None, "--model-path", help=(
+    "SPEC=FOLDER: load the run's model SPEC from FOLDER, where it is now (moved since the run was "
+    "made; its weights' sha256 is checked). Repeat for several."
 ))

@@ -50,6 +50,9 @@ def zoo_train(
                                    "with this --ctx (default: the token store's ctx)."),
     eval_every: int | None = typer.Option(None, "--eval-every", help="Held-out loss every N "
                                           "steps and at each checkpoint (default: the preset's)."),
+    tokenizer: Path | None = typer.Option(None, "--tokenizer", help="Folder the token store's "
+                                          "tokenizer is in now, when it moved since the store "
+                                          "was built (its vocabulary is checked)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or cuda:i: where the models, "
                                "optimizer states and batches live (checkpoints are saved on CPU)."),
 ) -> None:
@@ -70,9 +73,12 @@ def zoo_train(
     else:
         seed_list = parse_int_list(seeds, "--seeds")
     ckpt_list = None if checkpoints is None else parse_int_list(checkpoints, "--checkpoints")
-    path = train_zoo(tokens, out, preset=preset, seeds=seed_list, steps=steps,
-                     checkpoints=ckpt_list, heldout=heldout, workers=workers, lr=lr,
-                     batch_size=batch_size, ctx=ctx, eval_every=eval_every, device=device)
+    from ..relocate import relocated
+
+    with relocated(tokenizer=tokenizer):
+        path = train_zoo(tokens, out, preset=preset, seeds=seed_list, steps=steps,
+                         checkpoints=ckpt_list, heldout=heldout, workers=workers, lr=lr,
+                         batch_size=batch_size, ctx=ctx, eval_every=eval_every, device=device)
     _print_info(zoo_info(path), console)
 
 
@@ -111,8 +117,10 @@ def zoo_partner_kinds(
         seeds[spec] = (init, data)
     df = write_partner_kinds(run, seeds)
     for (kind, layer), g in df.groupby(["partner_kind", "layer"], sort=False):
+        cal = (f", calibrated {100 * g['universal_calibrated_share'].mean():.1f}%"
+               if "universal_calibrated_share" in g else "")
         console.print(f"{kind:15s} L{layer}: mean excess {g['mean_excess_corr'].mean():.3f}, "
-                      f"universal {100 * g['universal_share'].mean():.1f}%", highlight=False)
+                      f"universal {100 * g['universal_share'].mean():.1f}%{cal}", highlight=False)
 
 
 def _print_info(info: dict, console) -> None:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
-from ..config import Backend, Device
+from ..config import MAX_BATCH, MAX_DRAWS, MAX_INT, MAX_SEED, MAX_TOP_K, Backend, Device
 from ..errors import UnineuronsError
 from .plan import parse_bytes
 
@@ -20,15 +20,16 @@ class CorrelateConfig(Backend):
 
     models: list[str] = Field(description="Model specs (folder or HUB_ID[@REVISION]); the first is the reference.")
     tokens: str = Field(description="Token store folder.")
-    n_tokens: int | None = Field(None, description="Use the first ceil(N / ctx) contexts; all when unset.")
+    n_tokens: int | None = Field(None, ge=1, le=MAX_INT, description=(
+        "Use the first ceil(N / ctx) contexts; all when unset."))
     pairs: Literal["reference", "all"] = Field("reference", description=(
         "reference: model 0 against each other; all: every model gets its own universality."
     ))
     baseline: Literal["rotation", "none"] = Field("rotation", description=(
         "Random-rotation baseline (Gurnee et al. eq. 2) or none."
     ))
-    threshold: float = Field(0.5, description="Universal if excess correlation > threshold.")
-    null_rotations: int = Field(32, ge=0, description=(
+    threshold: float = Field(0.5, ge=-1, le=1, description="Universal if excess correlation > threshold.")
+    null_rotations: int = Field(32, ge=0, le=MAX_DRAWS, description=(
         "Seeded rotations per layer for the calibrated null of each neuron's max correlation "
         "(p_value, q_value, is_universal_calibrated); 0: no calibrated criterion."
     ))
@@ -41,9 +42,14 @@ class CorrelateConfig(Backend):
     ceiling: bool = Field(True, description=(
         "Also correlate each model with its own rotated activations (ceiling_corr, excess_norm)."
     ))
-    top_k: int = Field(5, ge=1, description="Top matches kept per neuron and partner.")
-    batch_size: int = Field(8, ge=1, description="Contexts per forward pass.")
-    accumulate_tokens: int | None = Field(None, ge=1, description=(
+    similarity: bool = Field(True, description=(
+        "Layer similarity (CKA, ridge R², layer_similarity.parquet) and one-to-one matching "
+        "(assigned_neuron, assigned_corr, mutual_best in matches.parquet); off: neither is "
+        "computed nor planned for."
+    ))
+    top_k: int = Field(5, ge=1, le=MAX_TOP_K, description="Top matches kept per neuron and partner.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Contexts per forward pass.")
+    accumulate_tokens: int | None = Field(None, ge=1, le=1 << 30, description=(
         "Fold activations into the co-moments once at least this many kept tokens are buffered: "
         "one large GEMM amortises the float64 merge (memory: this many rows of every model). "
         "Unset: the largest power of two up to 8192 whose buffers take at most a quarter of the budget."
@@ -55,9 +61,10 @@ class CorrelateConfig(Backend):
     memory_budget: str = Field("8GB", description=(
         "Bytes the accumulators and batch buffers may use; more pairs take more passes."
     ))
-    seed: int = Field(0, description="Seed of the random rotations.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the random rotations.")
     save_full_matrix: bool = Field(False, description="Also save every pair's full correlation matrix (float16).")
-    checkpoint_tokens: int = Field(1_000_000, ge=1, description="Save resumable state every this many tokens.")
+    checkpoint_tokens: int = Field(1_000_000, ge=1, le=MAX_INT, description=(
+        "Save resumable state every this many tokens."))
     drop_bos: bool = True
     drop_eos: bool = True
     drop_pad: bool = True

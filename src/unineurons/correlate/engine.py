@@ -56,6 +56,8 @@ def _config_hash(cfg: CorrelateConfig, models: list[LoadedModel], store: TokenSt
     budget (except through the fold size, which changes rounding and is hashed as used)."""
     d = cfg.model_dump(exclude={"device", "checkpoint_tokens", "memory_budget", "backend",
                                 "ray_address", "workers", "cpus_per_worker"})
+    if d.get("similarity", True):  # the default: hashes of runs made before the option stay
+        d.pop("similarity", None)
     d["accumulate_tokens"] = accumulate
     d["weights"] = [m.weights_sha256 for m in models]
     d["token_sha256"] = store.manifest.get("sha256")
@@ -86,7 +88,8 @@ def plan_for(cfg: CorrelateConfig, shapes: list[ModelShape], ctx: int) -> Plan:
     """The pass plan of ``cfg`` for models of ``shapes`` and contexts of ``ctx`` tokens."""
     stream = _stream(cfg, shapes, ctx, accumulate_tokens(cfg, shapes, ctx))
     return plan_units(shapes, cfg.pairs, cfg.budget_bytes, stream, ceiling=cfg.ceiling,
-                      null_rotations=cfg.null_rotations, halves=2 if cfg.split_half else 1)
+                      null_rotations=cfg.null_rotations, halves=2 if cfg.split_half else 1,
+                      similarity=cfg.similarity)
 
 
 def segments(c0: int, c1: int, n_ctx: int, halves: int) -> list[tuple[int, int, int]]:
@@ -331,7 +334,8 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
                 del h1
             for k, v in _unit_results(u, st.co[u.key()], full_lc, rots, shapes, cfg, keys).items():
                 results[f"{u.key()}.{k}"] = v
-            results.update(unit_extras(u, st.co[u.key()], layercov, rots, shapes))
+            if cfg.similarity:  # layer similarity and one-to-one matching (--no-similarity: off)
+                results.update(unit_extras(u, st.co[u.key()], layercov, rots, shapes))
         save_tensors(run.state_dir / f"results.{p}.safetensors", results)
         # the pass is done: the next checkpoint starts the next pass from token 0
         save_checkpoint(ckpt_path, {}, {"config_hash": chash, "pass": p + 1, "cursor": 0,
@@ -346,6 +350,8 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     neurons, layers = finalize(run, cfg, models, store, plan, shapes, all_results, full_lc,
                                kept_tokens=kept, n_contexts=n_ctx, config_hash=chash,
                                elapsed_s=elapsed)
+    if not cfg.similarity and run.has_table("layer_similarity"):
+        run.table_path("layer_similarity").unlink()  # of an earlier run with similarity on
     neurons, layers = write_extras(run, [m.name for m in models], shapes, plan, all_results,
                                    cfg.threshold, [m.spec.location for m in models])
     # results are in the run directory now; the resumable state is no longer needed

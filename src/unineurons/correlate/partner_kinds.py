@@ -5,7 +5,10 @@ initialisation, their data order, both or neither. For each model and each kind 
 — ``same-init`` (same initial weights, another data order), ``same-data`` (same data order,
 other initial weights), ``both-different`` — the excess correlation of each neuron is taken
 over the partners of that kind only (Gurnee et al. eq. 3 restricted to them), and per layer
-the mean excess and the share of neurons above the universality threshold are reported.
+the mean excess and the share of neurons above the universality threshold are reported. With the calibrated null
+(``--null-rotations``) the calibrated criterion is applied the same way (:func:`kind_calibrated`):
+the test of :mod:`~unineurons.correlate.calibrate` with both the statistic and its rotation
+null averaged over this kind's partners only, BH within the model and kind.
 Pairs with the same init *and* data seeds are ``identical`` (a determinism check).
 
 A model's seeds come from its folder (:func:`model_seeds`): ``member.json`` of a zoo grid
@@ -27,7 +30,7 @@ from ..errors import UnineuronsError
 from ..rundir import RunDir
 
 __all__ = ["KINDS", "partner_kind", "model_seeds", "partner_kinds_table", "write_partner_kinds",
-           "neuron_kind_columns",
+           "neuron_kind_columns", "kind_calibrated", "kind_calibrated_neurons",
            "write_dynamics_partner_kinds"]
 
 KINDS = ("same-init", "same-data", "both-different", "identical")
@@ -130,12 +133,71 @@ def neuron_kind_columns(matches: pd.DataFrame, seeds: dict[str, Seeds]) -> pd.Da
     return out.reset_index()
 
 
+def kind_calibrated_neurons(rd: RunDir, matches: pd.DataFrame, seeds: dict[str, Seeds],
+                            fdr: float) -> pd.DataFrame | None:
+    """The calibrated test per neuron and partner kind: one row per (model, partner_kind,
+    layer, neuron) with ``p_value``, ``q_value`` and ``is_universal_calibrated``.
+
+    For model a and kind k with partners P_k, the statistic is ``T_i = mean_{m in P_k} max_j
+    ρ(x_i, y^m_j)`` and its null the same mean of each partner's rotated maxima draw by draw
+    (``null_max_corr [R, N]`` of each pair file ``pairs/{a}__{m}.safetensors``), i.e. exactly
+    :func:`~unineurons.correlate.calibrate.calibrated_columns` restricted to P_k; q-values are
+    Benjamini-Hochberg over the model's neurons within the kind; universal if ``q < fdr``.
+    The pair files hold the null maxima in float32 (the run's own p-values use float64), so
+    p-values agree with a run on P_k alone to float32 precision. None when a pair file or its
+    null is missing (a run without ``--null-rotations``).
+    """
+    from ..io import load_tensors
+    from ..rundir import pair_file_name
+    from .calibrate import calibrated_columns
+
+    parts = []
+    for a, ma in matches.groupby("model", sort=False):
+        first = ma[ma["partner"] == ma["partner"].iloc[0]].sort_values(["layer", "neuron"])
+        layer = first["layer"].to_numpy()  # [N], flat order: layer * d_mlp + neuron
+        kinds: dict[str, list[str]] = {}
+        for b in dict.fromkeys(ma["partner"]):
+            kinds.setdefault(partner_kind(seeds[a], seeds[b]), []).append(b)
+        for kind, partners in kinds.items():
+            maxes, nulls = [], []
+            for b in partners:
+                f = rd.pairs_dir / pair_file_name(a, b)
+                if not f.is_file():
+                    return None
+                t, _ = load_tensors(f, "pair file")
+                if "null_max_corr" not in t:
+                    return None
+                maxes.append(t["max_corr"].double().numpy())  # [N]
+                nulls.append(t["null_max_corr"].double().numpy())  # [R, N]
+            c = calibrated_columns(np.mean(maxes, 0), nulls, layer, fdr)
+            parts.append(pd.DataFrame({
+                "model": a, "partner_kind": kind, "layer": layer,
+                "neuron": first["neuron"].to_numpy(), "p_value": c["p_value"],
+                "q_value": c["q_value"], "is_universal_calibrated": c["is_universal_calibrated"]}))
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
+def kind_calibrated(rd: RunDir, matches: pd.DataFrame, seeds: dict[str, Seeds], fdr: float
+                    ) -> pd.DataFrame | None:
+    """Per (model, layer, partner_kind): ``universal_calibrated`` and
+    ``universal_calibrated_share`` of :func:`kind_calibrated_neurons` (None where it is)."""
+    per = kind_calibrated_neurons(rd, matches, seeds, fdr)
+    if per is None:
+        return None
+    g = per.groupby(["model", "layer", "partner_kind"], sort=False)["is_universal_calibrated"]
+    out = g.agg(universal_calibrated="sum", universal_calibrated_share="mean").reset_index()
+    out["universal_calibrated"] = out["universal_calibrated"].astype(np.int64)
+    return out
+
+
 def write_partner_kinds(run: str | Path | RunDir, seeds: dict[str, Seeds] | None = None,
                         threshold: float | None = None) -> pd.DataFrame:
     """Write ``partner_kinds.parquet`` of a finished correlate run and return it.
 
     ``seeds``: ``{model spec: (init_seed, data_seed)}``; models left out are looked up with
-    :func:`model_seeds` (their recorded folder). ``threshold``: the run's by default.
+    :func:`model_seeds` (their recorded folder). ``threshold``: the run's by default. With
+    the calibrated null in the pair files, the columns of :func:`kind_calibrated` too (at the
+    run's ``fdr``).
     """
     rd = run if isinstance(run, RunDir) else RunDir.open(run)
     man = rd.manifest()
@@ -149,6 +211,11 @@ def write_partner_kinds(run: str | Path | RunDir, seeds: dict[str, Seeds] | None
         threshold = float(man.get("correlate", {}).get("config", {}).get("threshold", 0.5))
     matches = rd.read_table("matches")
     df = partner_kinds_table(matches, given, threshold)
+    fdr = float(man.get("correlate", {}).get("config", {}).get("fdr", 0.01))
+    cal = kind_calibrated(rd, matches, given, fdr)
+    if cal is not None:  # the calibrated criterion beside the paper's (with a null)
+        df = df.merge(cal, on=["model", "layer", "partner_kind"], how="left", validate="one_to_one")
+        df["fdr"] = fdr
     rd.write_table("partner_kinds", df)
     rd.update_neurons(neuron_kind_columns(matches, given))
     return df

@@ -175,15 +175,18 @@ class Unit:
 NULL_ROT_COPIES = 4
 
 
-def work_bytes(u: Unit, shapes: list[ModelShape], null_rotations: int = 0) -> int:
+def work_bytes(u: Unit, shapes: list[ModelShape], null_rotations: int = 0,
+               similarity: bool = True) -> int:
     """Temporaries of block ``u`` beyond the block itself: the larger of a fold's cross
     product and the working copies of summarising it tile by tile (see ``WORK_TILE``), the
-    latter with a null rotation being made (``NULL_ROT_COPIES``) when ``null_rotations``."""
+    latter with a null rotation being made (``NULL_ROT_COPIES``) when ``null_rotations``, and
+    of layer similarity and matching (``extras_work_bytes``) unless ``similarity`` is off."""
     tile = shapes[u.a].d_mlp * shapes[u.b].d_mlp * F64
     rot = NULL_ROT_COPIES * max(shapes[u.a].d_mlp, shapes[u.b].d_mlp) ** 2 * F64 if null_rotations else 0
     from .extras import extras_work_bytes  # layer similarity and matching of the block
 
-    return max(u.nbytes(shapes), WORK_TILE * tile + rot, extras_work_bytes(u, shapes))
+    extras = extras_work_bytes(u, shapes) if similarity else 0
+    return max(u.nbytes(shapes), WORK_TILE * tile + rot, extras)
 
 
 def acc_bytes(u: Unit, shapes: list[ModelShape], halves: int = 1) -> int:
@@ -228,7 +231,7 @@ def pair_list(n_models: int, mode: str) -> list[tuple[int, int, bool]]:
 
 
 def _pack(units: list[Unit], shapes: list[ModelShape], avail: int, null_rotations: int = 0,
-          halves: int = 1) -> tuple[list[list[Unit]], list[int], list[int]]:
+          halves: int = 1, similarity: bool = True) -> tuple[list[list[Unit]], list[int], list[int]]:
     """First fit decreasing: a pass holds units while its co-moments plus its largest
     working copies fit ``avail``. Returns (passes, co-moment bytes, working bytes)."""
     passes: list[list[Unit]] = []
@@ -236,7 +239,7 @@ def _pack(units: list[Unit], shapes: list[ModelShape], avail: int, null_rotation
     works: list[int] = []
 
     def size(u: Unit) -> tuple[int, int]:
-        return acc_bytes(u, shapes, halves), work_bytes(u, shapes, null_rotations)
+        return acc_bytes(u, shapes, halves), work_bytes(u, shapes, null_rotations, similarity)
 
     for u in sorted(units, key=lambda u: tuple(-x for x in size(u))):
         nb, w = size(u)
@@ -263,7 +266,8 @@ def null_bytes(shapes: list[ModelShape], mode: str, null_rotations: int, halves:
 
 
 def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
-               ceiling: bool = True, null_rotations: int = 0, halves: int = 1) -> Plan:
+               ceiling: bool = True, null_rotations: int = 0, halves: int = 1,
+               similarity: bool = True) -> Plan:
     """Split and pack the needed blocks into passes that fit ``budget`` bytes, given the
     batch-scaled memory ``stream`` (see :func:`stream_bytes`).
 
@@ -271,7 +275,8 @@ def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
     last unit of a model may be shorter). Smaller units need smaller working copies, so more
     co-moments fit a pass; the plan takes the ``k`` with the fewest passes, and of those the
     largest (fewer, larger GEMMs). ``null_rotations`` and ``halves`` (``--split-half``): see
-    the module docstring.
+    the module docstring; ``similarity`` off: layer similarity and matching are not run, so
+    their working copies are not counted.
     """
     lc_copies = 1 if halves == 1 else halves + 1  # each half's and the merged
     persistent = (sum(s.n_layers * s.d_mlp * s.d_mlp * F64 * lc_copies + 4 * s.n * F64 for s in shapes)
@@ -283,11 +288,12 @@ def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
         need += [(a, a, False, "ceiling") for a in sides]
     for a, b, cd, kind in need:
         one = Unit(a, b, 0, 1, kind, True, cd)
-        if acc_bytes(one, shapes, halves) + work_bytes(one, shapes, null_rotations) > avail:
+        if acc_bytes(one, shapes, halves) + work_bytes(one, shapes, null_rotations, similarity) > avail:
             raise UnineuronsError(
                 f"memory budget {fmt_bytes(budget)} is too small: one layer of model {a} against "
                 f"model {b} needs {fmt_bytes(acc_bytes(one, shapes, halves))} and "
-                f"{fmt_bytes(work_bytes(one, shapes, null_rotations))} of working copies to summarise it, on top "
+                f"{fmt_bytes(work_bytes(one, shapes, null_rotations, similarity))} of working "
+                "copies to summarise it, on top "
                 f"of {fmt_bytes(persistent)} of within-layer covariances and {fmt_bytes(stream)} of "
                 "weights, batch buffers and forward working memory; raise --memory-budget, or "
                 "lower --batch-size or --accumulate-tokens"
@@ -296,10 +302,10 @@ def plan_units(shapes: list[ModelShape], mode: str, budget: int, stream: int,
     for k in range(max((shapes[a].n_layers for a, _, _, _ in need), default=1), 0, -1):
         units = [Unit(a, b, l0, min(shapes[a].n_layers, l0 + k), kind, True, cd)
                  for a, b, cd, kind in need for l0 in range(0, shapes[a].n_layers, k)]
-        if any(acc_bytes(u, shapes, halves) + work_bytes(u, shapes, null_rotations) > avail
-               for u in units):
+        if any(acc_bytes(u, shapes, halves) + work_bytes(u, shapes, null_rotations, similarity)
+               > avail for u in units):
             continue
-        packed = _pack(units, shapes, avail, null_rotations, halves)
+        packed = _pack(units, shapes, avail, null_rotations, halves, similarity)
         if best is None or len(packed[0]) < len(best[0]):  # ties keep the larger k
             best = packed
     passes, loads, works = best if best is not None else ([], [], [])

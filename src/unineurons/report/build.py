@@ -15,10 +15,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .. import __version__
-from ..config import Device
+from ..config import MAX_BATCH, MAX_INT, MAX_TOP_K, Device
 from ..errors import UnineuronsError
 from ..io import atomic_path
 from ..rundir import RunDir
@@ -41,14 +42,14 @@ class ReportConfig(BaseModel):
     models: bool = Field(True, description="Load the run's models (when they load unchanged) for "
                          "what the tables lack: the whole-vocabulary cosine histogram and the "
                          "activation of every token of the top-context windows. Off: tables only.")
-    max_context_neurons: int = Field(2000, ge=0, description="Per model, neurons whose top "
+    max_context_neurons: int = Field(2000, ge=0, le=MAX_INT, description="Per model, neurons whose top "
                                      "contexts and vocabulary are embedded (universal neurons and "
                                      "their matches first); bounds the report's size.")
-    vocab_k: int = Field(10, ge=1, description="Promoted / suppressed tokens shown per neuron.")
+    vocab_k: int = Field(10, ge=1, le=MAX_TOP_K, description="Promoted / suppressed tokens shown per neuron.")
     vocab_neuron: str | None = Field(None, description="Neuron of the vocabulary histogram: "
                                      "L3.N12 (reference model) or MODEL_INDEX:L3.N12; default: "
                                      "the most universal neuron with vocabulary rows.")
-    batch_size: int = Field(8, ge=1, description="Contexts per forward pass when recomputing "
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Contexts per forward pass when recomputing "
                             "window activations.")
     device: Device = Field("cpu", description="cpu or cuda[:i] for the model passes.")
     dynamics: str | None = Field(None, description="A run directory of `unineurons dynamics` "
@@ -118,11 +119,42 @@ def _summary(t: Tables) -> list[tuple[str, str]]:
             out.append((f"universal neurons of {t.short(ref)}",
                         f"{k} of {len(r)} ({100 * k / max(len(r), 1):.2f}%), excess correlation "
                         f"> {t.threshold}"))
+    out += _calibrated_summary(t, n)
     a = t.get("ablations")
     if a is not None and len(a):
         from ..analyses.ablate import headline
 
         out.append(("ablations", headline(a)))
+    return out
+
+
+def _calibrated_summary(t: Tables, n: pd.DataFrame | None) -> list[tuple[str, str]]:
+    """The calibrated criteria beside the paper's (issue 13): calibrated universal counts, role
+    counts under both rules, and one sentence on why the criteria differ. Empty when the run
+    has neither calibrated column."""
+    if n is None:
+        return []
+    out = []
+    cfg = (t.manifest.get("correlate") or {}).get("config") or {}
+    if "is_universal_calibrated" in n:
+        for ref in t.corr_models:
+            r = n[n["model"] == ref]
+            k = int(r["is_universal_calibrated"].fillna(False).astype(bool).sum())
+            out.append((f"calibrated universal neurons of {t.short(ref)}",
+                        f"{k} of {len(r)} ({100 * k / max(len(r), 1):.2f}%), BH q < "
+                        f"{cfg.get('fdr', 0.01):g} against each neuron's null of "
+                        f"{cfg.get('null_rotations', '?')} seeded rotations"))
+    if {"role_paper", "role_calibrated"} <= set(n.columns) and t.corr_models:
+        r = n[n["model"] == t.reference]
+        for col, rule in (("role_paper", "paper thresholds"),
+                          ("role_calibrated", "calibrated (beyond random directions)")):
+            c = r[col][r[col].notna() & (r[col] != "none")].value_counts()
+            out.append((f"roles of {t.short(t.reference)}, {rule}",
+                        ", ".join(f"{k} {int(v)}" for k, v in c.items()) or "none"))
+    if out:
+        from ..cli.correlate import CRITERIA_NOTE
+
+        out.append(("why the criteria differ", CRITERIA_NOTE[0].upper() + CRITERIA_NOTE[1:] + "."))
     return out
 
 

@@ -39,6 +39,7 @@ __all__ = ["FigureSpec", "Drawn", "Skip", "FigureResult", "SkippedFigure", "Tabl
 #: Okabe-Ito: distinguishable with every common colour-vision deficiency.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
 SET_COLORS = {"universal": "#D55E00", "non-universal": "#0072B2", "random": "#7F7F7F"}
+SET_COLORS["universal-calibrated"] = "#CC79A7"  # the calibrated criterion's set
 STYLE = {
     "figure.dpi": 100, "savefig.bbox": "tight", "font.size": 9, "axes.titlesize": 10,
     "axes.labelsize": 9, "legend.fontsize": 8, "legend.frameon": False,
@@ -163,7 +164,7 @@ def make_figures(run: RunDir, formats: Sequence[str] = ("png", "svg"), dpi: int 
     separate run directory of ``unineurons dynamics`` whose tables are drawn too.
     """
     # importing the plot modules registers their figures
-    from . import plots_corr, plots_dynamics, plots_effects, plots_similarity  # noqa: F401
+    from . import plots_corr, plots_dynamics, plots_effects, plots_similarity, plots_split  # noqa: F401
 
     tables = Tables(run, dynamics)
     out_dir = run.figures_dir
@@ -201,6 +202,7 @@ _MAKERS = {
     "persistence": "dynamics", "trajectories": "dynamics",
     "dynamics_ablations": "dynamics --ablate",
     "layer_similarity": "correlate", "partner_kinds": "correlate",
+    "split_half": "correlate --split-half",
 }
 
 

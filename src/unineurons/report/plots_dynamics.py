@@ -30,6 +30,26 @@ def _member(t: Tables, df: pd.DataFrame) -> str:
     return f" of {df['member'].iloc[0]}" if "member" in df.columns and len(df) else ""
 
 
+def _rule(t: Tables) -> str:
+    """The U_t rule of the dynamics run, in words (``threshold`` when not recorded)."""
+    u = (t.dynamics_manifest.get("dynamics") or {}).get("universal") or {}
+    rule = u.get("rule", "threshold")
+    if rule == "top":
+        return f"top {100 * float(u.get('share', 0)):g}% by excess"
+    if rule == "calibrated":
+        return f"calibrated (q < {u.get('fdr', 0.01):g})"
+    return f"paper: excess > {u.get('threshold', t.threshold):g}"
+
+
+#: The criteria drawn beside the U_t rule: (column, name, line style, caption text).
+_CRITERIA = (
+    ("universal_calibrated_share", "calibrated", "--s",
+     "the calibrated criterion (BH q < FDR against each neuron's rotation null)"),
+    ("universal_paper_share", "paper", ":^", "the paper's criterion (excess correlation > the "
+     "correlate threshold)"),
+)
+
+
 @figure("dynamics_emergence", "Universal neurons over training", "Training dynamics",
         needs=["emergence"])
 def _emergence(t: Tables, opts: dict) -> Drawn:
@@ -37,21 +57,39 @@ def _emergence(t: Tables, opts: dict) -> Drawn:
     if e.empty:
         raise Skip("emergence.parquet has no rows")
     layers = sorted(e["layer"].unique())
+    rule = _rule(t)
+    # U_t under the other criteria too, where the steps have them and they are not the rule
+    extra = [c for c in _CRITERIA if c[0] in e.columns and not rule.startswith(c[1])
+             and e[c[0]].notna().any()]
     fig, (ax,) = new_figure(1, width=5.5)
-    parts = []
+    parts: list[str] = []
+    more: dict[str, list[str]] = {c[0]: [] for c in extra}
     for i, lay in enumerate(layers):
         g = e[e["layer"] == lay].sort_values("step")
-        ax.plot(g["step"], 100 * g["universal_share"], "-o", ms=3, color=PALETTE[i % len(PALETTE)],
-                label=f"L{lay}")
+        col = PALETTE[i % len(PALETTE)]
+        ax.plot(g["step"], 100 * g["universal_share"], "-o", ms=3, color=col,
+                label=f"L{lay} ({rule})" if extra else f"L{lay}")
         parts.append(f"L{lay}: " + ", ".join(f"{s:g}→{100 * v:.1f}%" for s, v in
                                              zip(g["step"], g["universal_share"], strict=True)))
+        for column, name, style, _ in extra:
+            c = g.dropna(subset=[column])
+            ax.plot(c["step"], 100 * c[column], style, ms=3, color=col, label=f"L{lay} ({name})")
+            more[column].append(f"L{lay}: " + ", ".join(
+                f"{s:g}→{100 * v:.1f}%" for s, v in zip(c["step"], c[column], strict=True)))
     ax.set_ylim(bottom=0)
     ax.set_xlabel("training step")
     ax.set_ylabel("universal neurons (% of layer)")
     ax.set_title(f"universal share by layer{_member(t, e)}")
     ax.legend(ncol=2)
     cap = (f"Share of each layer's neurons{_member(t, e)} that are universal at each training "
-           "checkpoint (step → share): " + "; ".join(parts) + ".")
+           f"checkpoint (step → share), U_t by {rule}: " + "; ".join(parts) + ".")
+    for column, name, _style, text in extra:
+        cap += (f" {'Dashed' if name == 'calibrated' else 'Dotted'}: {text}: "
+                + "; ".join(more[column]) + ".")
+    if any(c[1] == "calibrated" for c in extra) or rule.startswith("calibrated"):
+        cap += (" The criteria differ because a fixed threshold does not scale with model size "
+                "and token count, while the calibrated test asks only whether a neuron beats "
+                "its own null.")
     return Drawn(fig, cap)
 
 
@@ -138,11 +176,12 @@ def _dynamics_ablations(t: Tables, opts: dict) -> Drawn:
     d = d[d["method"] == meth]
     fig, (ax,) = new_figure(1, width=5.5)
     parts = []
-    for name in ("universal", "non-universal", "random"):
+    for name in ("universal", "universal-calibrated", "non-universal", "random"):
         rows = []
         for step, g in d.groupby("step"):
-            # the largest size this step's universal set reached
-            size = g.loc[g["set"] == "universal", "n_requested"].max()
+            # the largest size this step's universal set reached (the calibrated set: its own)
+            own = "universal-calibrated" if name == "universal-calibrated" else "universal"
+            size = g.loc[g["set"] == own, "n_requested"].max()
             s = g[(g["set"] == name) & (g["n_requested"] == size)]
             if len(s):
                 rows.append((step, s["delta_loss"].mean(), s["n_ablated"].mean(),
@@ -163,5 +202,8 @@ def _dynamics_ablations(t: Tables, opts: dict) -> Drawn:
     cap = ("Loss increase when each checkpoint's largest universal set, and sets of the same "
            "size of non-universal and random neurons, are ablated (error bars and [brackets]: "
            "95% interval, paired bootstrap over contexts, random draws resampled too). "
+           + ("universal-calibrated: each checkpoint's largest calibrated universal set (BH q < "
+              "FDR against the rotation null), beside the paper's. "
+              if "universal-calibrated" in set(d["set"]) else "")
            + "; ".join(parts) + ".")
     return Drawn(fig, cap)

@@ -207,6 +207,17 @@ def _set_names(s: pd.DataFrame) -> list[str]:
             + [n for n in ("non-universal", "random") if n in names])
 
 
+def _calibrated_note(s: pd.DataFrame) -> str:
+    """What the ``universal-calibrated`` set is, when the table has it (else "")."""
+    if "universal-calibrated" not in set(s["set"]):
+        return ""
+    return ("universal-calibrated: the calibrated universal set (BH q < FDR against each "
+            "neuron's rotation null, ranked by p-value) at its own sizes, beside universal (the "
+            "paper's excess > threshold); the two differ because the paper's fixed threshold "
+            "does not scale with model size or token count, while the calibrated test asks only "
+            "whether a neuron beats its own null. ")
+
+
 def ablation_summary(df: pd.DataFrame) -> pd.DataFrame:
     """:func:`unineurons.analyses.ablate.summarize` of the rows with neurons ablated."""
     from ..analyses.ablate import summarize
@@ -262,7 +273,7 @@ def _ablation_curves(t: Tables, opts: dict) -> Drawn:
            "before they were added: rerun `unineurons ablate`)")
     cap = ("Increase of the next-token loss when the top-n universal neurons (by excess "
            "correlation), the least universal neurons, or layer-matched random neurons are "
-           f"ablated together (n → Δ loss; {how}). "
+           f"ablated together (n → Δ loss; {how}). " + _calibrated_note(s)
            + "; ".join(parts) + ". " + headline(raw[raw["model"] == model]))
     return Drawn(fig, cap)
 
@@ -322,5 +333,5 @@ def _ablation_efficiency(t: Tables, opts: dict) -> Drawn:
     cap = ("Ablation efficiency: loss increase divided by the number of neurons ablated (mean "
            "over random draws" + ("; shading and error bars: the 95% interval of the loss "
                                   "increase over contexts and draws, divided likewise" if ci else "")
-           + "). " + "; ".join(parts) + ".")
+           + "). " + _calibrated_note(s) + "; ".join(parts) + ".")
     return Drawn(fig, cap, notes)

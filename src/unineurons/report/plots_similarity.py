@@ -136,7 +136,8 @@ def _partner_kinds(t: Tables, opts: dict) -> Drawn:
         raise Skip(f"partner_kinds.parquet has no rows for {t.short(t.reference)}")
     kinds = [k for k in KIND_COLORS if k in set(g["partner_kind"])]
     layers = sorted(g["layer"].unique())
-    fig, axes = new_figure(2, width=4.2)
+    cal = "universal_calibrated_share" in g.columns  # the calibrated criterion per kind
+    fig, axes = new_figure(3 if cal else 2, width=4.2)
     width = 0.8 / len(kinds)
     parts = []
     for i, k in enumerate(kinds):
@@ -147,11 +148,18 @@ def _partner_kinds(t: Tables, opts: dict) -> Drawn:
         parts.append(f"{k} ({int(s['n_partners'].max())} partner(s)): mean excess "
                      f"{_layer_values(s['mean_excess_corr'])}, universal "
                      + ", ".join(f"L{int(la)} {100 * v:.1f}%" for la, v in s["universal_share"].items()))
+        if cal:
+            axes[2].bar(xs, 100 * s["universal_calibrated_share"], width, color=KIND_COLORS[k],
+                        label=k)
+            parts[-1] += ", calibrated " + ", ".join(
+                f"L{int(la)} {100 * v:.1f}%" for la, v in s["universal_calibrated_share"].items())
     for ax in axes:
         ax.set_xticks(range(len(layers)), [str(x) for x in layers])
         ax.set_xlabel("layer")
     axes[0].set_ylabel("mean excess correlation")
     axes[1].set_ylabel(f"universal (excess > {t.threshold:g}), % of layer")
+    if cal:
+        axes[2].set_ylabel(f"calibrated universal (q < {g['fdr'].iloc[0]:g}), % of layer")
     axes[0].legend()
     cap = (f"Universality of {t.short(t.reference)}'s neurons measured against partners of each "
            "kind only: same initial weights with another data order (same-init), the same data "

@@ -15,11 +15,13 @@ Presets (see the tuning notes at :data:`PRESETS` and ``benchmarks/zoo_presets.py
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
+from ..config import MAX_BATCH, MAX_CTX, MAX_INT, range_text
 from ..errors import UnineuronsError
 
 __all__ = ["ZooConfig", "PRESETS", "lr_at", "Member", "member_name", "member_seeds",
@@ -54,6 +56,20 @@ class ZooConfig:
     eval_every: int = 100  #: held-out loss every N steps (and at every checkpoint)
     eval_contexts: int = 128  #: held-out loss on the first N contexts of the held-out store
 
+    #: The range of every numeric field (the zoo's one source of them; ``zoo train``'s options
+    #: of the same names are held to these): ``{"ge"|"gt"|"le"|"lt": bound}``.
+    BOUNDS: ClassVar[dict[str, dict[str, float]]] = {
+        "n_layer": {"ge": 1, "le": 1 << 10}, "n_embd": {"ge": 1, "le": 1 << 16},
+        "n_head": {"ge": 1, "le": 1 << 10}, "n_inner": {"ge": 1, "le": 1 << 18},
+        "lr": {"gt": 0, "le": 1}, "batch_size": {"ge": 1, "le": MAX_BATCH},
+        "steps": {"ge": 1, "le": MAX_INT}, "warmup_frac": {"ge": 0, "lt": 1},
+        "min_lr_ratio": {"ge": 0, "le": 1}, "weight_decay": {"ge": 0, "le": 1e3},
+        "beta1": {"ge": 0, "lt": 1}, "beta2": {"ge": 0, "lt": 1}, "eps": {"gt": 0, "le": 1},
+        "grad_clip": {"ge": 0, "le": 1e6}, "ctx": {"ge": 2, "le": MAX_CTX},
+        "log_every": {"ge": 1, "le": MAX_INT}, "eval_every": {"ge": 1, "le": MAX_INT},
+        "eval_contexts": {"ge": 1, "le": MAX_INT},
+    }
+
     def __post_init__(self) -> None:
         def need(ok: bool, what: str) -> None:
             if not ok:
@@ -64,6 +80,14 @@ class ZooConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
                  f"{name} must be a positive integer, got {v!r}")
+        for name, b in self.BOUNDS.items():
+            v = getattr(self, name)
+            if v is None:
+                continue
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                 and not (("ge" in b and v < b["ge"]) or ("gt" in b and v <= b["gt"])
+                          or ("le" in b and v > b["le"]) or ("lt" in b and v >= b["lt"])),
+                 f"{name} = {v!r} is out of range; it must be {range_text(b)}")
         need(self.n_embd % self.n_head == 0,
              f"n_head ({self.n_head}) must divide n_embd ({self.n_embd})")
         need(self.lr > 0, f"lr must be positive, got {self.lr}")
