@@ -101,6 +101,13 @@ def test_split_half_matches_separate_runs(tiny_store, make_gpt2, tmp_path):
     for col in ("max_corr", "baseline_corr", "excess_corr"):
         np.testing.assert_allclose(split.neurons[col], whole.neurons[col], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(split.neurons["p_value"], whole.neurons["p_value"], atol=3 / 513)
+    # layer similarity and one-to-one matching are of all contexts too (not of half 0)
+    sim_s, sim_w = split.run.read_table("layer_similarity"), whole.run.read_table("layer_similarity")
+    assert len(sim_w) and (sim_w["cka"] <= 1 + 1e-9).all() and (sim_s["cka"] <= 1 + 1e-9).all()
+    for col in ("cka", "cka_debiased", "ridge_r2_in_sample", "neuron_r2", "rotated_r2"):
+        np.testing.assert_allclose(sim_s[col], sim_w[col], rtol=1e-4, atol=1e-6, err_msg=col)
+    m_s, m_w = split.run.read_table("matches"), whole.run.read_table("matches")
+    np.testing.assert_allclose(m_s["assigned_corr"], m_w["assigned_corr"], rtol=1e-4, atol=1e-6)
     # half 0 is the run over the first 16 contexts
     first = run_correlate(CorrelateConfig(**base, n_tokens=N_TOK // 2), tmp_path / "f").neurons
     table = split.run.read_table("split_half")

@@ -335,7 +335,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
             for k, v in _unit_results(u, st.co[u.key()], full_lc, rots, shapes, cfg, keys).items():
                 results[f"{u.key()}.{k}"] = v
             if cfg.similarity:  # layer similarity and one-to-one matching (--no-similarity: off)
-                results.update(unit_extras(u, st.co[u.key()], layercov, rots, shapes))
+                results.update(unit_extras(u, st.co[u.key()], full_lc, rots, shapes))
         save_tensors(run.state_dir / f"results.{p}.safetensors", results)
         # the pass is done: the next checkpoint starts the next pass from token 0
         save_checkpoint(ckpt_path, {}, {"config_hash": chash, "pass": p + 1, "cursor": 0,
