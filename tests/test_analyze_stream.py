@@ -314,3 +314,13 @@ def test_analyze_fake_correlate_run(models, tiny_store, tmp_path):
 def test_properties_need_universality():
     df = pd.DataFrame({"model": "m", "layer": [0, 0], "neuron": [0, 1], "act_var": [1.0, 2.0]})
     assert properties_table(df) is None
+
+
+def test_properties_leave_out_universality_measures():
+    """p and q values measure universality itself: comparing them between universal and other
+    neurons is circular, so they are no properties (nor is any correlation column)."""
+    df = pd.DataFrame({"model": "m", "layer": 0, "neuron": range(4), "act_var": [1.0, 2.0, 3.0, 5.0],
+                       "is_universal": [True, False, True, False], "p_value": [1e-4, 0.5, 1e-3, 0.9],
+                       "q_value": [1e-3, 0.6, 2e-3, 0.9], "excess_corr": [0.6, 0.1, 0.7, 0.0]})
+    out = properties_table(df)
+    assert out is not None and list(out["statistic"]) == ["act_var"]

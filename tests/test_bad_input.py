@@ -231,6 +231,33 @@ def test_zoo_batch_beyond_memory(tiny_store, tmp_path, capsys):
     assert not (tmp_path / "zoo").exists()
 
 
+@pytest.mark.parametrize("command", ["ablate", "intervene", "analyze"])
+def test_forward_batch_beyond_memory(command, run_dir, tmp_path, capsys, monkeypatch):
+    """A --batch-size whose forward pass (logits included) cannot fit is refused before any
+    forward pass, naming the option; the run is unchanged."""
+    import unineurons.checks as checks
+
+    run = copy_run(run_dir, tmp_path)
+    before = snapshot(run)
+    # the estimate, not this machine's memory, decides: 1 MB available
+    monkeypatch.setattr(checks, "available_memory", lambda: 1 << 20)
+    extra = {"ablate": ["--sizes", "1", "--random-draws", "1"], "intervene": ["--neuron", "L0.N1"],
+             "analyze": []}[command]
+    line = refused(capsys, command, run, "--batch-size", "4096", *extra, match="memory")
+    assert "--batch-size" in line
+    assert snapshot(run) == before
+
+
+def test_forward_bytes_counts_the_logits(models):
+    from unineurons.checks import LOGIT_COPIES, forward_bytes
+    from unineurons.models.load import load_model
+
+    m = load_model(str(models[0]))
+    one, two = forward_bytes(m, 1, 32), forward_bytes(m, 2, 32)
+    assert two == 2 * one  # every term is per context
+    assert one >= LOGIT_COPIES * 4 * 32 * m.adapter.vocab_size
+
+
 def test_tokens_build_checks_free_disk(tiny_corpus, tiny_tokenizer, tmp_path, capsys, monkeypatch):
     import unineurons.io as uio
 

@@ -73,7 +73,7 @@ def note(message: str) -> None:
 
 
 def check_store_models(models: Sequence[Any], special: dict, ctx: int,
-                       store: str | Path | None = None) -> list[str]:
+                       store: str | Path | None = None, batch_size: int | None = None) -> list[str]:
     """Refuse ``models`` (:class:`~unineurons.models.load.LoadedModel`) that cannot read the
     token store described by ``special`` (its manifest's ``tokenizer`` section) and ``ctx``.
 
@@ -81,7 +81,10 @@ def check_store_models(models: Sequence[Any], special: dict, ctx: int,
     or from its folder) is the store's (same vocabulary fingerprint); the store's vocabulary
     fits each model's embedding; ``ctx`` fits each model's positions; weights are finite. A
     model folder without tokenizer files falls back to the store's tokenizer (vocabulary size
-    checked) and a note says so. Returns the notes.
+    checked) and a note says so. With ``batch_size``: one forward pass of ``[batch_size, ctx]``
+    tokens with its vocabulary logits (:func:`forward_bytes`) must fit the memory available
+    now, or the command is refused before it starts (the kernel would kill it half-way).
+    Returns the notes.
 
     Raises:
         UnineuronsError: naming the store, the model and the fix.
@@ -128,6 +131,10 @@ def check_store_models(models: Sequence[Any], special: dict, ctx: int,
                 f"positions; build a store with --ctx {positions} (or less) for it"
             )
         check_finite_weights(m.name, m.model)
+        if batch_size is not None and _device_of(m.model) == "cpu":
+            check_memory(forward_bytes(m, batch_size, ctx),
+                         f"model {m.name}: a forward pass of --batch-size {batch_size} x {ctx} tokens",
+                         "lower --batch-size")
     for n in notes:
         note(n)
     return notes
@@ -209,6 +216,33 @@ def run_model_source(entry: dict) -> str:
             f"--model-path {spec}=FOLDER"
         )
     return spec
+
+
+def _device_of(model: Any) -> str:
+    p = next(iter(model.parameters()), None)
+    return "cpu" if p is None else p.device.type
+
+
+#: float32 ``[batch, ctx, vocab]`` tensors alive at once in a scored forward pass: the logits,
+#: their log-softmax and the softmax (loss, entropy, KL of the patched runs)
+LOGIT_COPIES = 3
+
+
+def forward_bytes(m: Any, batch_size: int, ctx: int) -> int:
+    """Working memory of one forward pass of a loaded model over ``[batch_size, ctx]`` tokens
+    with its full vocabulary logits, beyond its weights: the planner's per-block workspace
+    (:func:`~unineurons.correlate.plan.forward_workspace`), every layer's captured neuron
+    activations and ``LOGIT_COPIES`` float32 logit tensors. Bytes; an estimate for refusing
+    sizes that cannot fit, not a plan."""
+    from .correlate.plan import ModelShape, forward_workspace
+
+    ad = m.adapter
+    heads = int(getattr(m.model.config, "num_attention_heads", 0) or 0)
+    shape = ModelShape(ad.n_layers, ad.d_mlp, d_model=ad.d_model, n_heads=heads,
+                       vocab_size=ad.vocab_size)
+    bt = batch_size * ctx
+    return (forward_workspace(shape, batch_size, ctx) + 4 * bt * ad.n_layers * ad.d_mlp
+            + LOGIT_COPIES * 4 * bt * ad.vocab_size)
 
 
 def available_memory() -> int | None:

@@ -333,7 +333,7 @@ def run_ablations(run: Any, cfg: AblateConfig) -> pd.DataFrame:
     frames = []
     for e in entries:
         m = load_run_model(e, cfg.driver_device)
-        check_store_models([m], special, contexts.shape[1], tok_info["path"])
+        check_store_models([m], special, contexts.shape[1], tok_info["path"], cfg.batch_size)
         frames.append(ablate_model(m, tables[e["spec"]], contexts, special, cfg, run=run,
                                    tokens_info=tok_info))
         del m

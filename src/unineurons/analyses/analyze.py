@@ -319,7 +319,7 @@ def analyze_run(run_path: str | Path, cfg: AnalyzeConfig, models: Sequence[str] 
     entries = run_model_entries(run, models)
     contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
     loaded = [load_run_model(e, cfg.driver_device) for e in entries]
-    check_store_models(loaded, special, contexts.shape[1], info["path"])
+    check_store_models(loaded, special, contexts.shape[1], info["path"], cfg.batch_size)
     return analyze(run, loaded, contexts, special, info, cfg, resume=resume)
 
 
@@ -333,7 +333,7 @@ def analyze_models(specs: Sequence[str], out: str | Path, cfg: AnalyzeConfig, *,
     run = RunDir.create(out)
     contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
     loaded = [load_model(s, device=cfg.driver_device) for s in specs]
-    check_store_models(loaded, special, contexts.shape[1], info["path"])
+    check_store_models(loaded, special, contexts.shape[1], info["path"], cfg.batch_size)
     entries = [e for e in run.manifest().get("models") or [] if e["spec"] not in specs]
     entries += [{"spec": m.name, "location": m.spec.location, "revision": m.spec.revision,
                  "weights_sha256": m.weights_sha256, **m.info} for m in loaded]

@@ -24,7 +24,7 @@ __all__ = ["top_contexts_table", "write_arrow_rows", "properties_table", "summar
 
 #: Numeric neurons.parquet columns that are not neuron properties: keys and the universality
 #: measures themselves (comparing universal neurons on them is circular).
-NOT_PROPERTIES = {"layer", "neuron", "is_universal", "excess_norm", "n_partners",
+NOT_PROPERTIES = {"layer", "neuron", "is_universal", "excess_norm", "n_partners", "p_value", "q_value",
                   "family_duplicates", "attn_max_head_layer", "attn_max_head"}
 
 

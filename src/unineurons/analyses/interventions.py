@@ -495,7 +495,7 @@ def run_interventions(run: Any, cfg: InterveneConfig) -> pd.DataFrame:
     entry = run_model_entries(run, None if cfg.model is None else [cfg.model])[0]
     contexts, special, tok_info = run_contexts(run, cfg.tokens, cfg.n_tokens)
     m = load_run_model(entry, cfg.device)
-    check_store_models([m], special, contexts.shape[1], tok_info["path"])
+    check_store_models([m], special, contexts.shape[1], tok_info["path"], cfg.batch_size)
     targets = list(dict.fromkeys(parse_neuron(a) for a in cfg.neurons))  # dedupe, keep order
     rand = random_late_neurons(m.adapter.n_layers, m.adapter.d_mlp, cfg.random_baseline,
                                cfg.seed, exclude=targets)
