@@ -324,3 +324,16 @@ def test_properties_leave_out_universality_measures():
                        "q_value": [1e-3, 0.6, 2e-3, 0.9], "excess_corr": [0.6, 0.1, 0.7, 0.0]})
     out = properties_table(df)
     assert out is not None and list(out["statistic"]) == ["act_var"]
+
+
+def test_family_and_role_counts_show_both_criteria():
+    from unineurons.analyses.analyze_tables import summary_counts
+
+    df = pd.DataFrame({"family": ["a", "a", "b", "b", "b"],
+                       "is_universal": [True, False, False, False, False],
+                       "is_universal_calibrated": [True, True, False, True, False]})
+    out = summary_counts(df, "family").set_index("family")
+    assert list(out.columns) == ["universal", "calibrated", "other", "total"]
+    assert out.loc["a"].tolist() == [1, 2, 1, 2] and out.loc["b"].tolist() == [0, 1, 3, 3]
+    paper_only = summary_counts(df.drop(columns="is_universal_calibrated"), "family")
+    assert list(paper_only.columns) == ["family", "universal", "other", "total"]

@@ -239,6 +239,9 @@ def test_universal_paper_and_calibrated(run, shared, tmp_path):
         sorted(zip(flagged.layer, flagged.neuron, strict=True))
     with pytest.raises(UnineuronsError, match="criterion"):
         run.universal("strict")  # type: ignore[arg-type]
+    for _, r in flagged.head(3).iterrows():  # the Neuron says the same as the table
+        nr = run.neuron(f"L{int(r.layer)}.N{int(r.neuron)}", model=r.model)
+        assert nr.is_universal_calibrated is True and nr.is_universal == bool(r.is_universal)
     older = un.open_run(copy_run(run.path, tmp_path / "older"))
     older._rd.write_table("neurons", n.drop(columns=["is_universal_calibrated"]))
     with pytest.raises(UnineuronsError, match="is_universal_calibrated"):

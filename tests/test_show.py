@@ -103,3 +103,15 @@ def test_export_command_equals_the_api(run, tmp_path, capsys):
     rc, out, _ = _cli(capsys, "export", run.path, "--criterion", "calibrated")
     assert rc == 0 and out == run.export(criterion="calibrated")
     assert not (tmp_path / "nothing").exists()
+
+
+def test_export_with_no_paper_universal_neuron_points_at_the_calibrated_set(run, tmp_path, capsys):
+    other = un.open_run(copy_run(run.path, tmp_path / "none"))
+    n = other.neurons
+    other._rd.write_table("neurons", n.assign(is_universal=n["is_universal"] & False))
+    rc, out, err = _cli(capsys, "export", other.path)
+    assert rc == 0 and out.count("\n") == 1  # the header only
+    k = int(n["is_universal_calibrated"].fillna(False).astype(bool).sum())
+    assert k > 0 and f"{k} pass the calibrated criterion (--criterion calibrated)" in err
+    rc, out, err = _cli(capsys, "export", run.path)
+    assert rc == 0 and "note:" not in err

@@ -130,6 +130,14 @@ class Neuron:
         return None if v is None else bool(v)
 
     @property
+    def is_universal_calibrated(self) -> bool | None:
+        """Universal by the calibrated criterion (BH q below the run's FDR against the neuron's
+        rotation null; a significance test: read it with ``excess_corr``); None where the run
+        has no calibrated criterion."""
+        v = self._get("is_universal_calibrated")
+        return None if v is None else bool(v)
+
+    @property
     def role(self) -> str | None:
         """Functional role (prediction, suppression, partition, entropy, attention, none)."""
         return self._get("role")

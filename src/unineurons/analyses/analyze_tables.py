@@ -114,6 +114,9 @@ def properties_table(neurons: pd.DataFrame) -> pd.DataFrame | None:
 def summary_counts(neurons: pd.DataFrame, column: str) -> pd.DataFrame:
     """Neurons per value of ``column`` (e.g. family, role), universal and other when known.
 
+    Columns: ``column``, ``universal`` (the paper criterion), ``calibrated`` (neurons with
+    ``is_universal_calibrated``, when the run has it), ``other`` (not paper-universal), ``total``.
+
     Neurons where ``column`` is missing (not analysed) are left out.
     """
     df = neurons[neurons[column].notna()]
@@ -122,6 +125,11 @@ def summary_counts(neurons: pd.DataFrame, column: str) -> pd.DataFrame:
         out = pd.DataFrame({"universal": df[univ].groupby(column).size(),
                             "other": df[~univ].groupby(column).size()}).fillna(0).astype(int)
         out["total"] = out["universal"] + out["other"]
+        if "is_universal_calibrated" in df.columns and df["is_universal_calibrated"].notna().any():
+            # the calibrated criterion beside the paper's (issue 13: both wherever the set is used)
+            cal = df["is_universal_calibrated"].fillna(False).astype(bool)
+            counts = df[cal].groupby(column).size().reindex(out.index).fillna(0).astype(int)
+            out.insert(1, "calibrated", counts)
     else:
         out = pd.DataFrame({"total": df.groupby(column).size()})
     out = out.sort_values("total", ascending=False, kind="stable")

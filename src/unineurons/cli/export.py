@@ -32,11 +32,19 @@ def export(
     r = Run(run)
     text = r.export(out, format=format, criterion=criterion,  # type: ignore[arg-type]
                     model=resolve_model(r, model), all_neurons=all_neurons)
+    n = text.count("\n") - 1 if format == "csv" else text.count('"address"')
     if out is None:
         sys.stdout.write(text)
     else:
-        n = text.count("\n") - 1 if format == "csv" else text.count('"address"')
         console.print(f"{n} neurons written to {out}", highlight=False)
+    if n == 0 and not all_neurons and criterion == "paper":
+        cal = r.neurons.get("is_universal_calibrated")
+        if cal is not None and cal.fillna(False).astype(bool).any():
+            from . import err_console
+
+            err_console.print(f"note: no neuron passes the paper's threshold; "
+                              f"{int(cal.fillna(False).astype(bool).sum())} pass the calibrated "
+                              "criterion (--criterion calibrated)", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
