@@ -485,3 +485,12 @@ def test_correlate_plan_beyond_free_memory(models, tiny_store, tmp_path, capsys,
     refused(capsys, "correlate", "-m", models[0], "-m", models[1], "--tokens", tiny_store,
             "--out", tmp_path / "run", match="GB are available")
     assert not (tmp_path / "run").exists()
+
+
+def test_errors_name_the_option_as_typed(models, tiny_store, run_dir, tmp_path, capsys):
+    """A config field named otherwise on the command line is reported by its option's name."""
+    line = refused(capsys, "correlate", "--model", models[0], "--tokens", tiny_store,
+                   "--out", tmp_path / "one")
+    assert line.startswith("error: option --model:"), line
+    line = refused(capsys, "intervene", copy_run(run_dir, tmp_path), "--neuron", "l1n5")
+    assert "--neuron:" in line and "--neurons" not in line, line

@@ -177,8 +177,13 @@ def describe_error(e: ValidationError, option_style: bool = True,
             given, bool) and len(str(given)) <= 80:
         msg = f"{msg} (got {given!r})"
     if option_style:
-        return f"option --{loc.replace('_', '-')}: {msg}" if loc else msg
+        name = OPTION_NAMES.get(f"{getattr(model, '__name__', '')}.{loc}", OPTION_NAMES.get(loc, loc))
+        return f"option --{name.replace('_', '-')}: {msg}" if loc else msg
     return f"key {loc!r}: {msg}"
+
+
+#: config fields whose command-line option has another name (``Class.field`` or ``field``)
+OPTION_NAMES = {"models": "model", "InterveneConfig.neurons": "neuron"}
 
 
 def _bad_number(v: Any) -> str | None:
