@@ -249,8 +249,13 @@ def test_cli_tokenizer_train_tokens_build_and_info(tiny_corpus, tmp_path, capsys
                             "--ctx", "32", "--n-tokens", "320", "--out", store, "--seed", "3"],
                            capsys)
     assert code == 0 and "10 contexts x 32" in out
-    code, out, _ = run_cli(["tokens", "info", store], capsys)
+    code, out, err = run_cli(["tokens", "info", store], capsys)
     assert code == 0 and "(verified)" in out and "seed 3" in out
+    # a corpus smaller than asked: the store holds what there is, and says so
+    code, out, err = run_cli(["tokens", "build", "--source", tiny_corpus, "--tokenizer", tok,
+                              "--ctx", "32", "--n-tokens", str(10**9), "--out", str(tmp_path / "all")],
+                             capsys)
+    assert code == 0 and "fewer than the 1,000,000,000 asked for" in err
 
 
 def test_cli_errors_are_one_line(tiny_store, tiny_tokenizer, tmp_path, capsys):

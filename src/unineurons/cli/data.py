@@ -67,6 +67,12 @@ def tokens_build(
     console.print(f"token store {store.path}: {store.n_contexts} contexts x {store.ctx} = "
                   f"{store.n_contexts * store.ctx:,} tokens from "
                   f"{store.manifest['n_documents']} documents ({split})", highlight=False)
+    if store.n_contexts < n_tokens // ctx:
+        from . import err_console
+
+        err_console.print(f"note: the {split} split of {source} holds only "
+                          f"{store.n_contexts * store.ctx:,} tokens, fewer than the {n_tokens:,} "
+                          "asked for; use a larger corpus for more", highlight=False, soft_wrap=True)
 
 
 @tokens_app.command("info")
