@@ -14,8 +14,14 @@ they are shared by every test in the session.
 from __future__ import annotations
 
 import json
+import os
 import sysconfig
 from pathlib import Path
+
+# No test reaches the network: the hub libraries are offline before anything imports them, so
+# the CLI's reachability probe (checks.offline_if_unreachable) never runs; the tests of the
+# probe and of the hub cache set the environment themselves.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 
