@@ -239,6 +239,7 @@ def test_universal_paper_and_calibrated(run, shared, tmp_path):
         sorted(zip(flagged.layer, flagged.neuron, strict=True))
     with pytest.raises(UnineuronsError, match="criterion"):
         run.universal("strict")  # type: ignore[arg-type]
+    assert len(flagged)  # the permuted copies share every live neuron
     for _, r in flagged.head(3).iterrows():  # the Neuron says the same as the table
         nr = run.neuron(f"L{int(r.layer)}.N{int(r.neuron)}", model=r.model)
         assert nr.is_universal_calibrated is True and nr.is_universal == bool(r.is_universal)

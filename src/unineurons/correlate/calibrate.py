@@ -78,41 +78,38 @@ def block_null(
     max over this block's rotated rows, a partial maximum to combine across blocks with
     ``fmax``; with ``row_rot``). NaN where a neuron has zero variance.
     """
-    R, Nb = c_block.shape
-    dev = c_block.device
     inv_r = inv_std(m2_rows, n)
     inv_c = inv_std(m2_cols, n)
     out: dict[str, torch.Tensor] = {}
     if col_rot is not None:
         assert col_cov is not None
-        row_null = torch.full((n_rot, R), float("nan"), dtype=torch.float64, device=dev)
-        for r in range(n_rot):
-            for tj, c0 in enumerate(range(0, Nb, d_cols)):
-                rot = col_rot(tj, r).to(dev)
-                inv_cr = _rotated_inv_std(col_cov[tj], rot, n)
-                for r0 in range(0, R, d_rows):
-                    rs = slice(r0, r0 + d_rows)
-                    base = (c_block[rs, c0:c0 + d_cols] @ rot) * inv_r[rs, None] * inv_cr[None, :]
-                    row_null[r, rs] = torch.fmax(row_null[r, rs], row_max(base, 1, dim=1)[0][:, 0])
-                    del base
-                del rot
-        out["row_null"] = row_null
+        out["row_null"] = _side_null(c_block, inv_r, col_cov, col_rot, n, n_rot, d_rows, d_cols)
     if row_rot is not None:
         assert row_cov is not None
-        col_null = torch.full((n_rot, Nb), float("nan"), dtype=torch.float64, device=dev)
-        for r in range(n_rot):
-            for ti, r0 in enumerate(range(0, R, d_rows)):
-                rot = row_rot(ti, r).to(dev)
-                inv_rr = _rotated_inv_std(row_cov[ti], rot, n)
-                for c0 in range(0, Nb, d_cols):
-                    cs = slice(c0, c0 + d_cols)
-                    # Cov(X_l Q, Y) = Qᵀ C_l: rotate the tile's rows (its transpose's columns)
-                    base = (c_block[r0:r0 + d_rows, cs].T @ rot) * inv_c[cs, None] * inv_rr[None, :]
-                    col_null[r, cs] = torch.fmax(col_null[r, cs], row_max(base, 1, dim=1)[0][:, 0])
-                    del base
-                del rot
-        out["col_null"] = col_null
+        # Cov(X_l Q, Y) = Qᵀ C_l: the transposed block, its columns (a's units) rotated
+        out["col_null"] = _side_null(c_block.T, inv_c, row_cov, row_rot, n, n_rot, d_cols, d_rows)
     return out
+
+
+def _side_null(c: torch.Tensor, inv_rows: torch.Tensor, cov: torch.Tensor,
+               rot_of: Callable[[int, int], torch.Tensor], n: torch.Tensor, n_rot: int,
+               d_rows: int, d_cols: int) -> torch.Tensor:
+    """``[n_rot, rows]``: for each null draw, each row unit's max correlation over the column
+    side's units rotated layer by layer (``rot_of(layer, draw)``, layer covariances ``cov``);
+    ``c [rows, cols]`` in tiles of ``d_rows`` x ``d_cols``. One direction of :func:`block_null`."""
+    rows, cols = c.shape
+    null = torch.full((n_rot, rows), float("nan"), dtype=torch.float64, device=c.device)
+    for r in range(n_rot):
+        for tj, c0 in enumerate(range(0, cols, d_cols)):
+            rot = rot_of(tj, r).to(c.device)
+            inv_cr = _rotated_inv_std(cov[tj], rot, n)
+            for r0 in range(0, rows, d_rows):
+                rs = slice(r0, r0 + d_rows)
+                base = (c[rs, c0:c0 + d_cols] @ rot) * inv_rows[rs, None] * inv_cr[None, :]
+                null[r, rs] = torch.fmax(null[r, rs], row_max(base, 1, dim=1)[0][:, 0])
+                del base
+            del rot
+    return null
 
 
 def loo_studentized(null: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
