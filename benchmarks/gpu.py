@@ -20,6 +20,9 @@ Five randomly initialised models are built from ``GPT2Config()`` (no download; `
     same); a second pass per pair for the rotated baseline would double it (shown separately).
 (d) memory: the peak of ``torch.cuda.max_memory_allocated`` during (b) against the peak of
     the plan ``unineurons plan`` prints for the same options (``estimate``); on CPU, n/a.
+(e) zoo training on the device: ``zoo train --device``'s loop (``train_seed``, with and
+    without its evaluations and checkpoints) against a bare PyTorch loop on the same device
+    (same model, batches, fused AdamW, clip): ``benchmarks/zoo_speed.py --device``.
 
 Timings are wall clock with a device synchronisation; on a shared CPU they are noisy: compare
 ratios measured in the same run.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import shutil
 import sys
@@ -210,6 +214,29 @@ def anchor_pair(ref: LoadedModel, other: LoadedModel, store: TokenStore, n_token
     return times, time.perf_counter() - t0
 
 
+def zoo_rows(dev: str, preset: str, steps: int, repeats: int, row) -> None:
+    """(e) ``zoo train --device`` against a bare PyTorch loop on the same device
+    (``benchmarks/zoo_speed.py``: same model, batches, AdamW and clip; tokens/s)."""
+    spec = importlib.util.spec_from_file_location("zoo_speed", Path(__file__).with_name("zoo_speed.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    threads = torch.get_num_threads()
+    try:
+        out = mod.main(["--device", dev, "--preset", preset, "--steps", str(steps),
+                        "--repeats", str(repeats)])
+    finally:
+        torch.set_num_threads(threads)
+    from unineurons.zoo import ZooConfig
+
+    tokens = steps * ZooConfig.from_preset(preset).batch_size * mod.CTX
+    ref = next(sec for _, sec, ratio in out if ratio == 1.0)
+    for name, sec, _ in out:
+        if name.startswith("zoo train"):
+            row(f"(e) {name}, preset {preset}, {steps} steps on {dev}",
+                f"{sec:.2f} s ({tokens / sec:,.0f} tok/s)",
+                f"bare loop {ref:.2f} s ({tokens / ref:,.0f} tok/s)", f"{sec / ref:.2f}x time")
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, str, str, str]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -221,7 +248,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, str, str]]:
     ap.add_argument("--memory-budget", default="120GB", help="correlate's --memory-budget in (b)")
     ap.add_argument("--anchor-batches", type=int, default=3, help="(c): batches measured (quick: all)")
     ap.add_argument("--json", help="also write the rows here")
-    ap.add_argument("--skip", default="", help="comma-separated sections among a-c to skip")
+    ap.add_argument("--zoo-steps", type=int, default=300, help="(e): optimizer steps per contender (quick: 2)")
+    ap.add_argument("--zoo-preset", default="small", help="(e): zoo preset (quick: micro)")
+    ap.add_argument("--skip", default="", help="comma-separated sections among a-e to skip")
     args = ap.parse_args(argv)
     dev, quick, skip = args.device, args.quick, set(args.skip.split(","))
     if dev.startswith("cuda") and not torch.cuda.is_available():
@@ -304,6 +333,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, str, str, str]]:
                 f"ours {ours:.1f} s (rho, baseline, ceiling)", f"anchor/ours {anc / ours:.2f}")
             row("(c) anchor with its rotated-baseline pass", f"{2 * anc:.1f} s", f"ours {ours:.1f} s",
                 f"anchor/ours {2 * anc / ours:.2f}")
+        if "e" not in skip:
+            with _section("e", row):
+                zoo_rows(dev, "micro" if quick else args.zoo_preset, 2 if quick else args.zoo_steps,
+                         1 if quick else 2, row)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nGPU benchmark: device {dev}, {'quick' if quick else 'full'}, total {time.perf_counter() - t_all:.0f} s")

@@ -77,22 +77,32 @@ def random_store(path: Path, n_rows: int, seed: int) -> Path:
     return path
 
 
+def _clock(device: str) -> float:
+    """Process CPU seconds on CPU; on a GPU wall seconds after a sync (the GPU does the work)."""
+    if device == "cpu":
+        return time.process_time()
+    torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def zoo_run(spec: ZooSpec) -> float:
-    """CPU seconds of ``train_seed`` on seed 0 (a fresh folder each time)."""
+    """Seconds (see :func:`_clock`) of ``train_seed`` on seed 0 (a fresh folder each time)."""
     shutil.rmtree(spec.out, ignore_errors=True)
-    t0 = time.process_time()
+    t0 = _clock(spec.device)
     train_seed(spec, 0, tokenizer=_NoTokenizer())
-    return time.process_time() - t0
+    return _clock(spec.device) - t0
 
 
 def bare_run(spec: ZooSpec, optim: str) -> float:
-    """CPU seconds of a bare loop: same model, batches, AdamW settings, schedule and clip."""
+    """Seconds (see :func:`_clock`) of a bare loop: same model, batches, AdamW settings,
+    schedule and clip, on ``spec.device``."""
     from unineurons.tokens import TokenStore
 
     cfg = spec.config
+    dev = spec.device
     data = TokenStore.open(spec.tokens, verify=False).tokens
-    t0 = time.process_time()
-    model = build_model(spec, 0)
+    t0 = _clock(dev)
+    model = build_model(spec, 0).to(dev)
     model.train()
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -112,7 +122,7 @@ def bare_run(spec: ZooSpec, optim: str) -> float:
     for step in range(spec.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step, spec.steps)
-        x = torch.from_numpy(np.asarray(data[order.rows(step), :spec.ctx], dtype=np.int64))
+        x = torch.from_numpy(np.asarray(data[order.rows(step), :spec.ctx], dtype=np.int64)).to(dev)
         logits = fwd(input_ids=x).logits  # (B, ctx, vocab)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
         loss.backward()
@@ -120,7 +130,7 @@ def bare_run(spec: ZooSpec, optim: str) -> float:
                                        foreach=optim != "loop")
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return time.process_time() - t0
+    return _clock(dev) - t0
 
 
 def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
@@ -129,7 +139,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     ap.add_argument("--steps", type=int, default=60, help="optimizer steps per contender")
     ap.add_argument("--repeats", type=int, default=3, help="rounds; each contender's best counts")
     ap.add_argument("--compile", action="store_true", help="add a torch.compile contender")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (wall time after a sync; the zoo "
+                    "uses fused AdamW there, so the reference bare loop does too)")
     args = ap.parse_args(argv)
+    dev = args.device
     torch.set_num_threads(1)  # as every zoo worker
     cfg = ZooConfig.from_preset(args.preset)
     cfg = dataclasses.replace(cfg, steps=args.steps, eval_every=max(1, args.steps // 5))
@@ -140,8 +153,10 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
         full = ZooSpec(config=cfg, steps=args.steps,
                        checkpoints=default_checkpoints(args.steps), out=str(tmp / "zoo"),
                        tokens=str(train), heldout=str(held), tokenizer="-", vocab_size=VOCAB,
-                       n_positions=CTX, ctx=CTX)
+                       n_positions=CTX, ctx=CTX, device=dev)
         steps_only = dataclasses.replace(full, heldout=None, checkpoints=(args.steps,))
+        # the zoo's own optimizer is the reference bare loop: foreach=False on CPU, fused on GPU
+        zoo_opt = "loop" if dev == "cpu" else "fused"
         runs = {
             "zoo train (evals, checkpoints)": lambda: zoo_run(full),
             "zoo train, steps only": lambda: zoo_run(steps_only),
@@ -149,6 +164,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
             "bare loop, AdamW foreach=True": lambda: bare_run(full, "foreach"),
             "bare loop, AdamW fused=True": lambda: bare_run(full, "fused"),
         }
+        ref_name = {"loop": "bare loop, AdamW foreach=False", "fused": "bare loop, AdamW fused=True"}[zoo_opt]
         if args.compile:
             runs["bare loop, torch.compile, fused"] = lambda: bare_run(full, "compile+fused")
         best = dict.fromkeys(runs, float("inf"))
@@ -159,10 +175,11 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     tokens = args.steps * cfg.batch_size * CTX
-    ref = best["bare loop, AdamW foreach=False"]
+    ref = best[ref_name]
+    clock = "process CPU time" if dev == "cpu" else f"wall time on {dev}"
     print(f"\n{args.preset}: {args.steps} steps of {cfg.batch_size} x {CTX} tokens, 1 thread, "
-          f"best of {args.repeats}, process CPU time")
-    print("| contender | CPU s | tokens/CPU-s | time / bare loop |\n| --- | --- | --- | --- |")
+          f"best of {args.repeats}, {clock}; reference: {ref_name}")
+    print("| contender | s | tokens/s | time / reference |\n| --- | --- | --- | --- |")
     out = []
     for name, sec in best.items():
         print(f"| {name} | {sec:.2f} | {tokens / sec:,.0f} | {sec / ref:.3f} |")

@@ -28,7 +28,8 @@ def test_gpu_benchmark_quick_on_cpu(tmp_path):
     assert not [n for n in names if "FAILED" in n], rows
     for section in ("(a) accumulate fp32", "(a) accumulate tf32", "(a) accumulate bf16",
                     "(b) forward passes alone", "(b) correlate", "(d) peak memory",
-                    "(c) anchor, 1 pair", "(c) anchor rho only", "(c) anchor with its rotated"):
+                    "(c) anchor, 1 pair", "(c) anchor rho only", "(c) anchor with its rotated",
+                    "(e) zoo train (evals, checkpoints)", "(e) zoo train, steps only"):
         assert any(n.startswith(section) for n in names), section
     for r in rows:
         if r[0].startswith("(a)"):  # ratios are finite positive numbers

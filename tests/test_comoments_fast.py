@@ -58,3 +58,35 @@ def test_sum64_matches_float64_sum():
     exact = x.double().sum(0)
     np.testing.assert_allclose(sum64(x).numpy(), exact.numpy(), rtol=0, atol=1e-6 * float(x.abs().sum()))
     torch.testing.assert_close(sum64(x.double()), exact, rtol=1e-14, atol=1e-12)
+
+
+def test_workspace_gives_the_same_bits():
+    """A reused float32 workspace (the engine's, one per pass) changes no bit of the result,
+    also when it is larger than the block and shared by blocks of other shapes."""
+    x, y = _data(12, 40, 6, 1e3, 2.0, seed=3)
+    z = y[:, :4] * 2 + 5
+    fresh, reused = CoMoments(6, 6), CoMoments(6, 6)
+    other, other_ref = CoMoments(6, 4), CoMoments(6, 4)
+    work = torch.full((6 * 6 + 7,), float("nan"))  # stale contents must not leak in
+    for i in range(12):
+        sl = slice(i * 40, (i + 1) * 40)
+        xs, ys, zs = x[sl].float(), y[sl].float(), z[sl].float()
+        fresh.update(xs, ys)
+        reused.update(xs, ys, work)
+        other_ref.update(xs, zs)
+        other.update(xs, zs, work)
+    assert torch.equal(fresh.c, reused.c) and torch.equal(other.c, other_ref.c)
+    assert torch.equal(fresh.mean_x, reused.mean_x) and torch.equal(fresh.n, reused.n)
+
+
+def test_given_sums_give_the_same_bits():
+    """The engine sums each model's rows once per fold and slices them for every block."""
+    x, y = _data(5, 30, 8, 50.0, 1.0, seed=4)
+    ref, given = CoMoments(4, 8), CoMoments(4, 8)
+    for i in range(5):
+        xs, ys = x[i * 30:(i + 1) * 30].float(), y[i * 30:(i + 1) * 30].float()
+        sx, sy = xs.mean(0).double(), ys.mean(0).double()
+        xs, ys = (xs - sx.float()), (ys - sy.float())
+        ref.update_shifted(sx[2:6], sy, xs[:, 2:6], ys)
+        given.update_shifted(sx[2:6], sy, xs[:, 2:6], ys, sums=(sum64(xs)[2:6], sum64(ys)))
+    assert torch.equal(ref.c, given.c) and torch.equal(ref.mean_x, given.mean_x)

@@ -111,6 +111,25 @@ def test_rotations_are_orthogonal_and_seeded():
     assert not torch.equal(r, rotation_for(0, "abc", 0, 64))
 
 
+def test_serial_qr_keeps_the_thread_count_and_the_distribution():
+    """Small rotations' QR runs on one thread (rotation.SERIAL_QR_MAX); the caller's thread
+    count is restored, and the result is the same orthogonal matrix up to rounding."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r = rotation_for(0, "abc", 1, 64)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    g = torch.randn(64, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    q, rr = torch.linalg.qr(g)
+    np.testing.assert_allclose((r.T @ r).numpy(), np.eye(64), atol=1e-10)
+    from unineurons.correlate.rotation import random_orthogonal
+
+    np.testing.assert_allclose(random_orthogonal(64, torch.Generator().manual_seed(5)).numpy(),
+                               (q * torch.sign(torch.diagonal(rr))).numpy(), atol=1e-12)
+
+
 # ---- end to end against direct references ---------------------------------------------------
 
 def test_correlations_match_direct_computation(seed_models, tiny_store, tmp_path):

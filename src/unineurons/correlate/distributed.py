@@ -62,6 +62,7 @@ def correlate_shard(worker: ShardWorker, job: dict, c0: int, c1: int, *, units: 
                                    start=s0, mask=mask, device=job["device"])
         kept += sum(n for _, n, _ in _folds(stream, s1, need, st, shapes, cdtype,
                                             job["accumulate"], half))
+    st.release_work()
     return st.state_dict(), {"kept": kept}
 
 

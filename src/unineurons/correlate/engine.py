@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype, shift_of, shifted
+from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype, shift_of, shifted, sum64
 from ..checks import check_plan_memory, check_store_models
 from ..errors import UnineuronsError
 from ..io import load_checkpoint, load_tensors, save_checkpoint, save_tensors
@@ -128,6 +128,23 @@ class _PassState:
         self.layercov = layercov if layercov is not None else [
             LayerCov(s.n_layers, s.d_mlp, device, cdtype) for _ in range(halves) for s in shapes]
         self.plan_key = ""  #: the run's pass layout (``_plan_key``), saved with checkpoints
+        # one float32 product workspace for every block's fold (CoMoments.update_shifted):
+        # no fresh block-sized allocation per fold. The plan counts a fold's product as a
+        # block-sized temporary (plan.work_bytes); the largest block's float32 product is at
+        # most half of that, and release_work() frees it before the blocks are summarised
+        self._work_numel = max(((u.l1 - u.l0) * shapes[u.a].d_mlp * shapes[u.b].n for u in units),
+                               default=0) if cdtype == torch.float32 else 0
+        self._work: torch.Tensor | None = None
+
+    def work(self) -> torch.Tensor | None:
+        """The fold's float32 product workspace (``None`` unless the compute dtype is float32)."""
+        if self._work is None and self._work_numel:
+            self._work = torch.empty(self._work_numel, dtype=torch.float32, device=self.device)
+        return self._work
+
+    def release_work(self) -> None:
+        """Free the product workspace (streaming is over)."""
+        self._work = None
 
     def models_needed(self, n_models: int) -> list[int]:
         """Indices of the models this pass must run: those in its units, all while the layer
@@ -309,6 +326,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
                 run, cfg, st, [models[i] for i in need], need, shapes, contexts, special, mask,
                 store.ctx, cdtype, accumulate, cursor=cursor, kept=kept, pass_index=p,
                 n_passes=len(plan.passes), chash=chash)
+        st.release_work()
         if kept == 0:
             raise UnineuronsError(
                 f"no token positions left after masking in {n_ctx} contexts of {cfg.tokens}; "
@@ -427,15 +445,17 @@ def _fold(acts: list[torch.Tensor], need: list[int], st: _PassState, shapes: lis
     """Shift each model's activations once, then one GEMM per planned block (of ``half``)."""
     if acts[0].shape[0] == 0:
         return
-    shift, xs = {}, {}
+    shift, xs, sums = {}, {}, {}
     for j, i in enumerate(need):
         shift[i] = shift_of(acts[j])  # [L*d] float64
         xs[i] = shifted(acts[j], shift[i], cdtype)  # [n, L*d]
+        sums[i] = sum64(xs[i])  # [L*d] once per model, sliced for every block below
     if st.fresh_layercov:
         for i in range(len(shapes)):
-            st.layercov[half * len(shapes) + i].update_shifted(shift[i], xs[i])
+            st.layercov[half * len(shapes) + i].update_shifted(shift[i], xs[i], sums[i])
     for u in st.units:
         da = shapes[u.a].d_mlp
         rows = slice(u.l0 * da, u.l1 * da)
         key = u.key() + (f".h{half}" if half and u.kind == "pair" else "")  # ceiling: all contexts
-        st.co[key].update_shifted(shift[u.a][rows], shift[u.b], xs[u.a][:, rows], xs[u.b])
+        st.co[key].update_shifted(shift[u.a][rows], shift[u.b], xs[u.a][:, rows], xs[u.b], st.work(),
+                                  (sums[u.a][rows], sums[u.b]))
