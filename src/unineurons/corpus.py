@@ -363,7 +363,10 @@ class ShuffledDocuments:
             if complete or not kept:
                 return
             budget *= 2
-            kept, complete = self._pass(kept[-1][:2], budget)
+            # a later pass re-reads the source, whose size the first pass counted
+            with progress(f"reading {self.src} again", total=self.n_documents,
+                          unit="docs") as bar:
+                kept, complete = self._pass(kept[-1][:2], budget, bar)
 
     def _pass(self, after: tuple | None, budget: int, bar=None):
         """The smallest-keyed documents after ``after`` that reach ``budget`` characters."""

@@ -175,12 +175,20 @@ def load_checkpoint(path: str | os.PathLike, config_hash: str, what: str, mismat
     return tensors, progress
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes, streamed."""
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22, desc: str | None = None) -> str:
+    """Hex sha256 of a file's bytes, streamed; with ``desc``, under a progress bar of that
+    name counting MB (a token store of 10^9 tokens takes seconds)."""
+    from contextlib import nullcontext
+
+    from .progress import progress
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    shown = progress(desc, os.path.getsize(path) / 1e6, unit="MB") if desc else nullcontext()
+    with open(path, "rb") as f, shown as bar:
         while block := f.read(chunk):
             h.update(block)
+            if bar is not None:
+                bar.advance(len(block) / 1e6)
     return h.hexdigest()
 
 

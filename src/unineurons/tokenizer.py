@@ -128,8 +128,11 @@ def train_tokenizer(source: str, vocab_size: int, out: str | os.PathLike, *,
         vocab_size=vocab_size, special_tokens=specials, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: no unknown tokens
     )
-    with progress(f"training BPE ({vocab_size} tokens)", total=None, unit="runs"):
+    # the trainer reports nothing while it runs: the bar times it and gives characters/s
+    with progress(f"training BPE ({vocab_size} tokens)", total=stats["chars"],
+                  unit="chars") as bar:
         tok.train_from_iterator(corpus, trainer=trainer, length=len(corpus))
+        bar.advance(stats["chars"])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL_TOKENS)
     with staged_dir(out, "tokenizer") as tmp:
         fast.save_pretrained(str(tmp))

@@ -195,7 +195,7 @@ def build_token_store(source: str, tokenizer: str | os.PathLike, ctx: int, n_tok
             "seed": seed,
             "heldout_fraction": heldout_fraction,
             "dtype": dtype.name,
-            "sha256": sha256_file(tmp / "tokens.npy"),
+            "sha256": sha256_file(tmp / "tokens.npy", desc="hashing tokens.npy"),
             "n_documents": n_docs,
             "created_by": f"unineurons {__version__}",
         }
@@ -280,7 +280,7 @@ class TokenStore:
         file = path / "tokens.npy"
         if not file.is_file():
             raise UnineuronsError(f"token store {path} has no tokens.npy; {rebuild}")
-        if verify and sha256_file(file) != m["sha256"]:
+        if verify and sha256_file(file, desc=f"verifying {file}") != m["sha256"]:
             raise UnineuronsError(f"token store {path} is corrupt (sha256 mismatch): {rebuild}")
         try:
             tokens = np.load(file, mmap_mode="r", allow_pickle=False)

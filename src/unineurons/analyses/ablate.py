@@ -39,6 +39,7 @@ from ..checks import check_store_models
 from ..config import MAX_BATCH, MAX_DRAWS, MAX_INT, MAX_SEED, Backend, Device
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
+from ..progress import progress
 from ..stream import activation_stream
 from .effects import BOOT_COLUMN, group_interval
 from .effects import headline as _headline
@@ -235,8 +236,12 @@ def neuron_means(m: LoadedModel, contexts: np.ndarray, special: dict, batch_size
     ad = m.adapter
     device = next(m.model.parameters()).device
     acc = Moments(ad.n_layers * ad.d_mlp, device=device)
-    for batch in activation_stream([m], contexts, special, batch_size=batch_size, device=device):
-        acc.update(batch.acts[0])  # [n, L*d_mlp]
+    with progress(f"mean activations of {m.name}", contexts.shape[0] * contexts.shape[1],
+                  unit="tokens") as bar:
+        for batch in activation_stream([m], contexts, special, batch_size=batch_size,
+                                       device=device):
+            acc.update(batch.acts[0])  # [n, L*d_mlp]
+            bar.advance(batch.n_contexts * contexts.shape[1])
     if float(acc.n) == 0:
         raise UnineuronsError("mean ablation: the token mask kept no positions; use more tokens")
     return acc.mean.reshape(ad.n_layers, ad.d_mlp).float().cpu()  # [L, d_mlp]

@@ -32,6 +32,7 @@ from ..errors import UnineuronsError
 from ..features import Vocabulary, get_features, load_feature_module, token_class_from_file
 from ..models.adapters import parse_neuron
 from ..models.load import LoadedModel, load_model, load_tokenizer
+from ..progress import progress, track
 from ..rundir import RunDir
 from ..stream import MaskConfig
 from .analyze_pass import _ModelAcc, accumulate, clear_state
@@ -273,12 +274,16 @@ def analyze(run: RunDir, models: Sequence[LoadedModel], contexts: np.ndarray, sp
                       resume=resume).accs
 
     cols, ranked, tops = [], [], []
-    for m, acc in zip(models, accs, strict=True):
-        c, r = _model_columns(m, acc, feats, cfg)
-        cols.append(c)
-        ranked.append(r)
-        tops.append(top_contexts_table(m.name, m.adapter.d_mlp, acc.top.result(), contexts,
-                                       vocab, cfg.window_before, cfg.window_after))
+    # families, statistics and top-context windows of every neuron: seconds per model
+    with progress("neuron statistics and top contexts",
+                  sum(m.adapter.n_layers * m.adapter.d_mlp for m in models), unit="neurons") as bar:
+        for m, acc in zip(models, accs, strict=True):
+            c, r = _model_columns(m, acc, feats, cfg)
+            cols.append(c)
+            ranked.append(r)
+            tops.append(top_contexts_table(m.name, m.adapter.d_mlp, acc.top.result(), contexts,
+                                           vocab, cfg.window_before, cfg.window_after))
+            bar.advance(m.adapter.n_layers * m.adapter.d_mlp)
     new = pd.concat(cols, ignore_index=True)
     new["family_duplicates"] = family_duplicates(new)
     neurons = run.update_neurons(new)
@@ -318,7 +323,8 @@ def analyze_run(run_path: str | Path, cfg: AnalyzeConfig, models: Sequence[str] 
     run = RunDir.open(run_path)
     entries = run_model_entries(run, models)
     contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
-    loaded = [load_run_model(e, cfg.driver_device) for e in entries]
+    loaded = [load_run_model(e, cfg.driver_device)
+              for e in track(entries, "loading models", unit="models")]
     check_store_models(loaded, special, contexts.shape[1], info["path"], cfg.batch_size)
     return analyze(run, loaded, contexts, special, info, cfg, resume=resume)
 
@@ -332,7 +338,8 @@ def analyze_models(specs: Sequence[str], out: str | Path, cfg: AnalyzeConfig, *,
         raise UnineuronsError("analyze needs a run directory or at least one --model")
     run = RunDir.create(out)
     contexts, special, info = run_contexts(run, cfg.tokens, cfg.n_tokens)
-    loaded = [load_model(s, device=cfg.driver_device) for s in specs]
+    loaded = [load_model(s, device=cfg.driver_device)
+              for s in track(specs, "loading models", unit="models")]
     check_store_models(loaded, special, contexts.shape[1], info["path"], cfg.batch_size)
     entries = [e for e in run.manifest().get("models") or [] if e["spec"] not in specs]
     entries += [{"spec": m.name, "location": m.spec.location, "revision": m.spec.revision,

@@ -44,6 +44,7 @@ from torch import nn
 
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
+from ..progress import progress
 from .vocab import block_norm, is_layernorm, residual_out_weight
 
 __all__ = ["head_shape", "query_weights", "bos_keys", "query_directions", "attention_scores",
@@ -169,6 +170,39 @@ def _no_scores(m: LoadedModel, neurons: Sequence[tuple[int, int]] | None
                        "attn_n_heads": "int64"}), rows
 
 
+def _layer_scores(m: LoadedModel, layer: int, idx: np.ndarray, flat: torch.Tensor,
+                  mean: torch.Tensor, std: torch.Tensor, head_layer: torch.Tensor,
+                  head_idx: torch.Tensor, z_threshold: float, per: list, rows: list) -> None:
+    """Append to ``per`` the per-neuron frame of neurons ``idx`` of ``layer`` and to ``rows``
+    their pairs with ``|z| >= z_threshold`` among the heads of later layers (``flat [L*h, d]``
+    the heads' query directions, ``mean`` / ``std [L*h]`` their random-direction baseline)."""
+    later = (head_layer > layer).nonzero()[:, 0]  # [n_later]
+    w = residual_out_weight(m, layer).double()[torch.as_tensor(idx, device=flat.device)]
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    score = w @ flat[later].T  # [n, n_later]
+    z = (score - mean[later]) / std[later].clamp_min(1e-300)  # [n, n_later]
+    frame = {"model": m.name, "layer": layer, "neuron": idx}
+    if len(later) == 0:
+        per.append(pd.DataFrame({**frame, "attn_max_z": np.nan, "attn_max_head_layer": -1,
+                                 "attn_max_head": -1, "attn_n_heads": 0}))
+        return
+    best = z.abs().argmax(1)  # [n]
+    big = z.abs() >= z_threshold  # [n, n_later]
+    per.append(pd.DataFrame({
+        **frame, "attn_max_z": z.gather(1, best[:, None])[:, 0].cpu().numpy(),
+        "attn_max_head_layer": head_layer[later][best.cpu()].numpy(),
+        "attn_max_head": head_idx[later][best.cpu()].numpy(),
+        "attn_n_heads": big.sum(1).cpu().numpy()}))
+    i, j = big.nonzero(as_tuple=True)
+    i, j = i.cpu(), j.cpu()
+    hj = later.cpu()[j]
+    rows.append(pd.DataFrame({
+        "model": m.name, "layer": layer, "neuron": idx[i.numpy()],
+        "head_layer": head_layer[hj].numpy(), "head": head_idx[hj].numpy(),
+        "score": score.cpu()[i, j].numpy(), "baseline_mean": mean.cpu()[hj].numpy(),
+        "baseline_std": std.cpu()[hj].numpy(), "z": z.cpu()[i, j].numpy()}))
+
+
 @torch.no_grad()
 def attention_scores(m: LoadedModel, contexts: np.ndarray, *, n_contexts: int = 8,
                      n_random: int = 1000, z_threshold: float = 3.0, seed: int = 0,
@@ -205,37 +239,18 @@ def attention_scores(m: LoadedModel, contexts: np.ndarray, *, n_contexts: int = 
         want = {}
         for layer, n in neurons:
             want.setdefault(int(layer), []).append(int(n))
-    per, rows = [], []
-    for layer in range(ad.n_layers):
-        idx = (np.arange(ad.d_mlp) if want is None
-               else np.array(sorted(set(want.get(layer, []))), dtype=np.int64))
-        if len(idx) == 0:
-            continue
-        later = (head_layer > layer).nonzero()[:, 0]  # [n_later]
-        w = residual_out_weight(m, layer).double()[torch.as_tensor(idx, device=flat.device)]
-        w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        score = w @ flat[later].T  # [n, n_later]
-        z = (score - mean[later]) / std[later].clamp_min(1e-300)  # [n, n_later]
-        frame = {"model": m.name, "layer": layer, "neuron": idx}
-        if len(later) == 0:
-            per.append(pd.DataFrame({**frame, "attn_max_z": np.nan, "attn_max_head_layer": -1,
-                                     "attn_max_head": -1, "attn_n_heads": 0}))
-            continue
-        best = z.abs().argmax(1)  # [n]
-        big = z.abs() >= z_threshold  # [n, n_later]
-        per.append(pd.DataFrame({
-            **frame, "attn_max_z": z.gather(1, best[:, None])[:, 0].cpu().numpy(),
-            "attn_max_head_layer": head_layer[later][best.cpu()].numpy(),
-            "attn_max_head": head_idx[later][best.cpu()].numpy(),
-            "attn_n_heads": big.sum(1).cpu().numpy()}))
-        i, j = big.nonzero(as_tuple=True)
-        i, j = i.cpu(), j.cpu()
-        hj = later.cpu()[j]
-        rows.append(pd.DataFrame({
-            "model": m.name, "layer": layer, "neuron": idx[i.numpy()],
-            "head_layer": head_layer[hj].numpy(), "head": head_idx[hj].numpy(),
-            "score": score.cpu()[i, j].numpy(), "baseline_mean": mean.cpu()[hj].numpy(),
-            "baseline_std": std.cpu()[hj].numpy(), "z": z.cpu()[i, j].numpy()}))
+    per: list[pd.DataFrame] = []
+    rows: list[pd.DataFrame] = []
+    idx_of = {layer: (np.arange(ad.d_mlp) if want is None
+                      else np.array(sorted(set(want.get(layer, []))), dtype=np.int64))
+              for layer in range(ad.n_layers)}
+    with progress(f"attention scores of {m.name}", sum(len(i) for i in idx_of.values()),
+                  unit="neurons") as bar:
+        for layer, idx in idx_of.items():
+            if len(idx):
+                _layer_scores(m, layer, idx, flat, mean, std, head_layer, head_idx,
+                              z_threshold, per, rows)
+            bar.advance(len(idx))
     cols = ["model", "layer", "neuron", "head_layer", "head", "score", "baseline_mean",
             "baseline_std", "z"]
     per_df = (pd.concat(per, ignore_index=True) if per else

@@ -49,6 +49,7 @@ from ..config import (
     without_backend,
 )
 from ..errors import UnineuronsError
+from ..progress import progress
 from ..rundir import RunDir
 from .ablate import AblateConfig
 from .dynamics_tables import (
@@ -329,25 +330,28 @@ def run_dynamics(cfg: DynamicsConfig, out: str | Path,
     TokenStore.open(cfg.tokens, verify=False)
     run = RunDir.create(out)
     neurons, layers, ablations, reused, runs = [], [], [], [], {}
-    for i, t in enumerate(steps):
-        sub_path = run.path / "steps" / f"step{t}"
-        say(f"step {t} ({i + 1}/{len(steps)}): {len(models[t])} models")
-        res = run_correlate(correlate_config(cfg, models[t]), sub_path, resume=True)
-        if res.reused:
-            reused.append(t)
-            say(f"step {t}: correlations done earlier, reused")
-        member_of = dict(zip(models[t], members, strict=True))
-        ranked = list(dict.fromkeys(res.layers["model"]))  # the models with excess columns
-        nt = res.neurons[res.neurons["model"].isin(ranked)]
-        neurons.append(nt.assign(step=t, member=nt["model"].map(member_of)))
-        layers.append(res.layers.assign(step=t, member=res.layers["model"].map(member_of)))
-        entry = {"path": f"steps/step{t}", "models": models[t], "reused": res.reused}
-        acfg = _step_ablate(cfg, int((nt["model"] == ranked[0]).sum()))
-        if acfg is not None:
-            df, ab_reused = _ablate_step(res.run, acfg, ranked, res.reused)
-            ablations.append(df.assign(step=t, member=df["model"].map(member_of)))
-            entry["ablate"] = {"config": acfg.model_dump(mode="json"), "reused": ab_reused}
-        runs[str(t)] = entry
+    # each step is a whole correlate run (its own bars nest under this one)
+    with progress("dynamics", len(steps), unit="checkpoints") as bar:
+        for i, t in enumerate(steps):
+            sub_path = run.path / "steps" / f"step{t}"
+            say(f"step {t} ({i + 1}/{len(steps)}): {len(models[t])} models")
+            res = run_correlate(correlate_config(cfg, models[t]), sub_path, resume=True)
+            if res.reused:
+                reused.append(t)
+                say(f"step {t}: correlations done earlier, reused")
+            member_of = dict(zip(models[t], members, strict=True))
+            ranked = list(dict.fromkeys(res.layers["model"]))  # the models with excess columns
+            nt = res.neurons[res.neurons["model"].isin(ranked)]
+            neurons.append(nt.assign(step=t, member=nt["model"].map(member_of)))
+            layers.append(res.layers.assign(step=t, member=res.layers["model"].map(member_of)))
+            entry = {"path": f"steps/step{t}", "models": models[t], "reused": res.reused}
+            acfg = _step_ablate(cfg, int((nt["model"] == ranked[0]).sum()))
+            if acfg is not None:
+                df, ab_reused = _ablate_step(res.run, acfg, ranked, res.reused)
+                ablations.append(df.assign(step=t, member=df["model"].map(member_of)))
+                entry["ablate"] = {"config": acfg.model_dump(mode="json"), "reused": ab_reused}
+            runs[str(t)] = entry
+            bar.advance(1)
 
     allt = pd.concat(neurons, ignore_index=True)
     mask = np.zeros(len(allt), dtype=bool)

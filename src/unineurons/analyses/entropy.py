@@ -64,9 +64,12 @@ def null_space(m: LoadedModel, k: int, vocab_block: int = 8192) -> torch.Tensor:
                               f"model {m.name} (d_model {d}), got {k}")
     w_u = folded_unembed(m)  # [d, V]
     gram = torch.zeros(d, d, dtype=torch.float64, device=w_u.device)  # W_U' W_U'^T
-    for s in range(0, w_u.shape[1], vocab_block):  # float64 copies of vocab blocks only
-        blk = w_u[:, s:s + vocab_block].double()  # [d, vb]
-        gram += blk @ blk.T
+    with progress(f"unembedding null space of {m.name}", w_u.shape[1],
+                  unit="vocab tokens") as bar:
+        for s in range(0, w_u.shape[1], vocab_block):  # float64 copies of vocab blocks only
+            blk = w_u[:, s:s + vocab_block].double()  # [d, vb]
+            gram += blk @ blk.T
+            bar.advance(blk.shape[1])
     if ln:
         # orthonormal basis of the all-ones complement: QR of [1/sqrt(d) | I] keeps 1 first
         ones = torch.full((d, 1), d ** -0.5, dtype=torch.float64, device=gram.device)
@@ -83,10 +86,14 @@ def null_fraction(m: LoadedModel, basis: torch.Tensor) -> np.ndarray:
     """``[n_layers, d_mlp]``: share of each neuron's ``|w_out|^2`` (centred for LayerNorm
     families) inside ``span(basis)``; 0 for a zero ``w_out``."""
     out = []
-    for layer in range(m.adapter.n_layers):
-        w = out_directions(m, layer).double()  # [d_mlp, d]
-        inside = (w @ basis.to(w.device)).pow(2).sum(1)  # [d_mlp]
-        out.append(inside / w.pow(2).sum(1).clamp_min(1e-300))
+    ad = m.adapter
+    with progress(f"null-space share of {m.name}", ad.n_layers * ad.d_mlp,
+                  unit="neurons") as bar:
+        for layer in range(ad.n_layers):
+            w = out_directions(m, layer).double()  # [d_mlp, d]
+            inside = (w @ basis.to(w.device)).pow(2).sum(1)  # [d_mlp]
+            out.append(inside / w.pow(2).sum(1).clamp_min(1e-300))
+            bar.advance(ad.d_mlp)
     return torch.stack(out).cpu().numpy()
 
 

@@ -44,6 +44,7 @@ from ..accumulators.moments import Moments
 from ..config import MAX_BATCH, MAX_DRAWS, MAX_SEED
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
+from ..progress import progress
 from .attention import attention_scores
 from .entropy import find_entropy_neurons
 from .vocab import DEFAULT_MAX_BYTES, folded_unembed, is_layernorm
@@ -248,11 +249,13 @@ def vocab_null(m: LoadedModel, k: int, seed: int = 0, max_bytes: int = DEFAULT_M
     dirs = null_directions(m.adapter.d_model, k, seed, is_layernorm(m)).to(tgt.device)
     nb = max(1, int(max_bytes // (m.adapter.vocab_size * 48)))  # Moments' float64 copies
     out: dict[str, list[np.ndarray]] = {"var": [], "skew": [], "kurt": []}
-    for s in range(0, k, nb):
-        cos = dirs[s:s + nb] @ tgt  # [nb, V]
-        res = Moments(cos.shape[0], device=cos.device).update(cos.T).result()  # over the vocab
-        for key in out:
-            out[key].append(res[key].cpu().numpy())
+    with progress(f"role null of {m.name}", k, unit="directions") as bar:
+        for s in range(0, k, nb):
+            cos = dirs[s:s + nb] @ tgt  # [nb, V]
+            res = Moments(cos.shape[0], device=cos.device).update(cos.T).result()  # over vocab
+            for key in out:
+                out[key].append(res[key].cpu().numpy())
+            bar.advance(cos.shape[0])
     return {key: np.concatenate(v).astype(np.float64) for key, v in out.items()}
 
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from ..accumulators.moments import Moments
 from ..models.load import LoadedModel
+from ..progress import progress
 
 __all__ = ["Side", "is_layernorm", "block_norm", "norm_scale", "in_weight", "out_weight",
            "residual_out_weight", "real_vocab_size",
@@ -238,11 +239,26 @@ def vocab_moments(m: LoadedModel, side: Side = "out", max_bytes: int = DEFAULT_M
     ad = m.adapter
     out = {k: np.full((ad.n_layers, ad.d_mlp), np.nan) for k in ("mean", "var", "skew", "kurt")}
     # Moments works in float64 with ~6 temporaries of the block's size
-    for layer, idx, cos in iter_vocab_cosines(m, side, bytes_per_entry=48, max_bytes=max_bytes):
-        res = Moments(len(idx), device=cos.device).update(cos.T).result()  # over the vocab
-        for k in out:
-            out[k][layer, idx.numpy()] = res[k].cpu().numpy()
+    with progress(f"vocabulary moments ({side}) of {m.name}", ad.n_layers * ad.d_mlp,
+                  unit="neurons") as bar:
+        for layer, idx, cos in iter_vocab_cosines(m, side, bytes_per_entry=48,
+                                                  max_bytes=max_bytes):
+            res = Moments(len(idx), device=cos.device).update(cos.T).result()  # over the vocab
+            for k in out:
+                out[k][layer, idx.numpy()] = res[k].cpu().numpy()
+            bar.advance(len(idx))
     return out
+
+
+def _sided_cosines(m: LoadedModel, by_layer: dict[int, list[int]], max_bytes: int
+                   ) -> Iterator[tuple[str, int, torch.Tensor, torch.Tensor]]:
+    """``(side, layer, idx, cos)`` blocks of :func:`iter_vocab_cosines` for both sides and
+    the neurons of ``by_layer`` (layer -> neuron indices)."""
+    for side in ("out", "in"):
+        for layer, ids in sorted(by_layer.items()):
+            for _, idx, cos in iter_vocab_cosines(m, side, [layer], sorted(set(ids)),
+                                                  max_bytes=max_bytes):
+                yield side, layer, idx, cos
 
 
 @torch.no_grad()
@@ -271,21 +287,21 @@ def vocab_table(m: LoadedModel, tokenizer: Any | None = None,
     cols: dict[str, list[np.ndarray]] = {c: [] for c in
                                          ("layer", "neuron", "side", "direction", "rank",
                                           "token_id", "cosine")}
-    for side in ("out", "in"):
-        for layer, ids in sorted(by_layer.items()):
-            for _, idx, cos in iter_vocab_cosines(m, side, [layer], sorted(set(ids)),
-                                                  max_bytes=max_bytes):
-                for direction, sign in (("top", 1.0), ("bottom", -1.0)):
-                    val, tid = torch.topk(cos * sign, k, dim=1)  # [nb, k], largest first
-                    nb = len(idx)
-                    cols["layer"].append(np.full(nb * k, layer, dtype=np.int64))
-                    cols["neuron"].append(np.repeat(idx.numpy(), k))
-                    cols["side"].append(np.full(nb * k, side, dtype=object))
-                    cols["direction"].append(np.full(nb * k, direction, dtype=object))
-                    cols["rank"].append(np.tile(np.arange(1, k + 1, dtype=np.int64), nb))
-                    cols["token_id"].append(tid.reshape(-1).cpu().numpy().astype(np.int64))
-                    cols["cosine"].append((val * sign).reshape(-1).cpu().numpy()
-                                          .astype(np.float32))
+    n_neurons = sum(len(set(ids)) for ids in by_layer.values())
+    with progress(f"top tokens of {m.name}", 2 * n_neurons, unit="neurons") as bar:
+        for side, layer, idx, cos in _sided_cosines(m, by_layer, max_bytes):
+            for direction, sign in (("top", 1.0), ("bottom", -1.0)):
+                val, tid = torch.topk(cos * sign, k, dim=1)  # [nb, k], largest first
+                nb = len(idx)
+                cols["layer"].append(np.full(nb * k, layer, dtype=np.int64))
+                cols["neuron"].append(np.repeat(idx.numpy(), k))
+                cols["side"].append(np.full(nb * k, side, dtype=object))
+                cols["direction"].append(np.full(nb * k, direction, dtype=object))
+                cols["rank"].append(np.tile(np.arange(1, k + 1, dtype=np.int64), nb))
+                cols["token_id"].append(tid.reshape(-1).cpu().numpy().astype(np.int64))
+                cols["cosine"].append((val * sign).reshape(-1).cpu().numpy()
+                                      .astype(np.float32))
+            bar.advance(len(idx))
     df = pd.DataFrame({c: np.concatenate(v) if v else np.array([]) for c, v in cols.items()})
     df.insert(0, "model", m.name)
     uniq = [int(i) for i in np.unique(df["token_id"].to_numpy())]

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from ..progress import progress
 from .maxcorr import inv_std, row_max
 
 __all__ = ["block_null", "loo_studentized", "null_pvalues", "bh_qvalues", "MIN_EXCEED",
@@ -81,19 +82,26 @@ def block_null(
     inv_r = inv_std(m2_rows, n)
     inv_c = inv_std(m2_cols, n)
     out: dict[str, torch.Tensor] = {}
-    if col_rot is not None:
-        assert col_cov is not None
-        out["row_null"] = _side_null(c_block, inv_r, col_cov, col_rot, n, n_rot, d_rows, d_cols)
-    if row_rot is not None:
-        assert row_cov is not None
-        # Cov(X_l Q, Y) = Qᵀ C_l: the transposed block, its columns (a's units) rotated
-        out["col_null"] = _side_null(c_block.T, inv_c, row_cov, row_rot, n, n_rot, d_cols, d_rows)
+    # one step: a layer's rotation applied to the block's tiles of that layer
+    steps = n_rot * ((len(range(0, c_block.shape[1], d_cols)) if col_rot is not None else 0)
+                     + (len(range(0, c_block.shape[0], d_rows)) if row_rot is not None else 0))
+    with progress("calibrated null", steps, unit="rotations") as bar:
+        if col_rot is not None:
+            assert col_cov is not None
+            out["row_null"] = _side_null(c_block, inv_r, col_cov, col_rot, n, n_rot, d_rows,
+                                         d_cols, bar.advance)
+        if row_rot is not None:
+            assert row_cov is not None
+            # Cov(X_l Q, Y) = Qᵀ C_l: the transposed block, its columns (a's units) rotated
+            out["col_null"] = _side_null(c_block.T, inv_c, row_cov, row_rot, n, n_rot, d_cols,
+                                         d_rows, bar.advance)
     return out
 
 
 def _side_null(c: torch.Tensor, inv_rows: torch.Tensor, cov: torch.Tensor,
                rot_of: Callable[[int, int], torch.Tensor], n: torch.Tensor, n_rot: int,
-               d_rows: int, d_cols: int) -> torch.Tensor:
+               d_rows: int, d_cols: int, advance: Callable[[int], None] = lambda k: None
+               ) -> torch.Tensor:
     """``[n_rot, rows]``: for each null draw, each row unit's max correlation over the column
     side's units rotated layer by layer (``rot_of(layer, draw)``, layer covariances ``cov``);
     ``c [rows, cols]`` in tiles of ``d_rows`` x ``d_cols``. One direction of :func:`block_null`."""
@@ -109,6 +117,7 @@ def _side_null(c: torch.Tensor, inv_rows: torch.Tensor, cov: torch.Tensor,
                 null[r, rs] = torch.fmax(null[r, rs], row_max(base, 1, dim=1)[0][:, 0])
                 del base
             del rot
+            advance(1)
     return null
 
 

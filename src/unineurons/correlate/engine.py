@@ -23,7 +23,7 @@ from ..checks import check_plan_memory, check_store_models
 from ..errors import UnineuronsError
 from ..io import load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from ..models.load import LoadedModel, load_model
-from ..progress import progress
+from ..progress import progress, track
 from ..rundir import RunDir
 from ..stream import MaskConfig, activation_stream
 from ..tokens import TokenStore
@@ -101,9 +101,19 @@ def segments(c0: int, c1: int, n_ctx: int, halves: int) -> list[tuple[int, int, 
     return [(max(c0, s), min(c1, e), h) for h, (s, e) in enumerate(cuts) if max(c0, s) < min(c1, e)]
 
 
-def _rotations(cfg: CorrelateConfig, m: LoadedModel) -> list[torch.Tensor]:
-    ad = m.adapter
-    return [rotation_for(cfg.seed, m.weights_sha256, layer, ad.d_mlp) for layer in range(ad.n_layers)]
+def _rotations(cfg: CorrelateConfig, models: list[LoadedModel]) -> list[list[torch.Tensor]]:
+    """Per model, its baseline rotation of every layer (a QR of ``[d_mlp, d_mlp]`` each:
+    seconds per layer at GPT-2 small's 3072)."""
+    out: list[list[torch.Tensor]] = []
+    with progress("baseline rotations", sum(m.adapter.n_layers for m in models),
+                  unit="rotations") as bar:
+        for m in models:
+            ad = m.adapter
+            out.append([])
+            for layer in range(ad.n_layers):
+                out[-1].append(rotation_for(cfg.seed, m.weights_sha256, layer, ad.d_mlp))
+                bar.advance(1)
+    return out
 
 
 class _PassState:
@@ -204,7 +214,7 @@ def _unit_results(u: Unit, co: CoMoments, layercov: list[LayerCov], rots: list[l
     if u.kind == "ceiling":
         # max correlation of each neuron with its own model's activations rotated per layer
         res = block_results(co.c, n, m2_rows, layercov[u.b].m2(), k=1, col_cov=cov_b,
-                            col_rot=rots[u.b], **tiles)
+                            col_rot=rots[u.b], **tiles, desc="ceiling correlations")
         return {"ceiling": res["row_base"]}
     rotate = cfg.baseline == "rotation"
     res = block_results(
@@ -241,7 +251,8 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     contexts = store.contexts(cfg.n_tokens)
     special = store.manifest["tokenizer"]
     if models is None:
-        models = [load_model(spec, device=cfg.driver_device) for spec in cfg.models]
+        models = [load_model(spec, device=cfg.driver_device)
+                  for spec in track(cfg.models, "loading models", unit="models")]
     check_store_models(models, special, store.ctx, store.path)  # the check every command shares
     shapes = [ModelShape(m.adapter.n_layers, m.adapter.d_mlp,
                          sum(p.numel() for p in m.model.parameters()), d_model=m.adapter.d_model,
@@ -273,7 +284,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     cdtype = batch_matmul_dtype(cfg.dtype)
     if cfg.dtype == "tf32" and cfg.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
-    rots = [_rotations(cfg, m) for m in models]
+    rots = _rotations(cfg, models)
     mask = MaskConfig(cfg.drop_bos, cfg.drop_eos, cfg.drop_pad, cfg.drop_newline)
 
     start_pass, cursor, kept = 0, 0, 0
@@ -339,21 +350,26 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
                           for k, v in lc.state_dict().items()})
             full_lc = _merged_halves(layercov, len(shapes), cfg.driver_device)
         results = {}
-        for u in units:
-            if halves == 2 and u.kind == "pair":
-                # each half alone, then half 1 merged into half 0 in place: all contexts
-                h1 = st.co.pop(f"{u.key()}.h1")
-                for part, co in enumerate((st.co[u.key()], h1)):
-                    lc = layercov[part * len(shapes):(part + 1) * len(shapes)]
-                    for k, v in _unit_results(u, co, lc, rots, shapes, cfg, keys, half=True).items():
-                        results[f"{u.key()}.h{part}.{k}"] = v
-                    results[f"{u.key()}.h{part}.n"] = co.n
-                st.co[u.key()].merge(h1)
-                del h1
-            for k, v in _unit_results(u, st.co[u.key()], full_lc, rots, shapes, cfg, keys).items():
-                results[f"{u.key()}.{k}"] = v
-            if cfg.similarity:  # layer similarity and one-to-one matching (--no-similarity: off)
-                results.update(unit_extras(u, st.co[u.key()], full_lc, rots, shapes))
+        # the per-block summaries: max correlations, baselines, null, similarity, matching
+        rows_of = {u.key(): (u.l1 - u.l0) * shapes[u.a].d_mlp for u in units}
+        with progress(f"summarising pass {p + 1}/{len(plan.passes)}", sum(rows_of.values()),
+                      unit="neurons") as bar:
+            for u in units:
+                if halves == 2 and u.kind == "pair":
+                    # each half alone, then half 1 merged into half 0 in place: all contexts
+                    h1 = st.co.pop(f"{u.key()}.h1")
+                    for part, co in enumerate((st.co[u.key()], h1)):
+                        lc = layercov[part * len(shapes):(part + 1) * len(shapes)]
+                        for k, v in _unit_results(u, co, lc, rots, shapes, cfg, keys, half=True).items():
+                            results[f"{u.key()}.h{part}.{k}"] = v
+                        results[f"{u.key()}.h{part}.n"] = co.n
+                    st.co[u.key()].merge(h1)
+                    del h1
+                for k, v in _unit_results(u, st.co[u.key()], full_lc, rots, shapes, cfg, keys).items():
+                    results[f"{u.key()}.{k}"] = v
+                if cfg.similarity:  # layer similarity and one-to-one matching (--no-similarity: off)
+                    results.update(unit_extras(u, st.co[u.key()], full_lc, rots, shapes))
+                bar.advance(rows_of[u.key()])
         save_tensors(run.state_dir / f"results.{p}.safetensors", results)
         # the pass is done: the next checkpoint starts the next pass from token 0
         save_checkpoint(ckpt_path, {}, {"config_hash": chash, "pass": p + 1, "cursor": 0,

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from ..progress import progress
 from .maxcorr import inv_std
 
 __all__ = ["assign", "mutual_best", "unit_matching", "matching_work_bytes", "MATCH_TILES"]
@@ -85,27 +86,29 @@ def unit_matching(c_block: torch.Tensor, n: torch.Tensor, l0: int, l1: int,
     parts: dict[str, list] = {k: [] for k in ("row_assigned", "row_assigned_corr", "row_mutual",
                                               "row_mutual_base", "col_assigned",
                                               "col_assigned_corr", "col_mutual", "col_mutual_base")}
-    for i, la in enumerate(range(l0, l1)):
-        tile = c_block[i * d_a:(i + 1) * d_a, la * d_b:(la + 1) * d_b]
-        inv_a = inv_std(torch.diagonal(cov_a[la]).clone(), n)
-        inv_b = inv_std(torch.diagonal(cov_b[la]).clone(), n)
-        rho = tile * inv_a[:, None] * inv_b[None, :]  # [d_a, d_b], NaN for constant neurons
-        rc, rcorr, cr, ccorr = assign(rho.cpu().numpy())
-        parts["row_assigned"].append(torch.from_numpy(rc))
-        parts["row_assigned_corr"].append(torch.from_numpy(rcorr))
-        parts["col_assigned"].append(torch.from_numpy(cr))
-        parts["col_assigned_corr"].append(torch.from_numpy(ccorr))
-        rf, cf = mutual_best(rho)
-        parts["row_mutual"].append(rf.cpu())
-        parts["col_mutual"].append(cf.cpu())
-        del rho
-        # baseline for a's neurons: b's layer rotated; for b's neurons: a's layer rotated
-        rb = rot_b[la].to(tile.device)
-        inv_rb = inv_std(((cov_b[la] @ rb) * rb).sum(0), n)
-        parts["row_mutual_base"].append(
-            mutual_best((tile @ rb) * inv_a[:, None] * inv_rb[None, :])[0].cpu())
-        ra = rot_a[la].to(tile.device)
-        inv_ra = inv_std(((cov_a[la] @ ra) * ra).sum(0), n)
-        parts["col_mutual_base"].append(
-            mutual_best((ra.T @ tile) * inv_ra[:, None] * inv_b[None, :])[1].cpu())
+    with progress("one-to-one matching", l1 - l0, unit="layers") as bar:
+        for i, la in enumerate(range(l0, l1)):
+            tile = c_block[i * d_a:(i + 1) * d_a, la * d_b:(la + 1) * d_b]
+            inv_a = inv_std(torch.diagonal(cov_a[la]).clone(), n)
+            inv_b = inv_std(torch.diagonal(cov_b[la]).clone(), n)
+            rho = tile * inv_a[:, None] * inv_b[None, :]  # [d_a, d_b], NaN for constant neurons
+            rc, rcorr, cr, ccorr = assign(rho.cpu().numpy())
+            parts["row_assigned"].append(torch.from_numpy(rc))
+            parts["row_assigned_corr"].append(torch.from_numpy(rcorr))
+            parts["col_assigned"].append(torch.from_numpy(cr))
+            parts["col_assigned_corr"].append(torch.from_numpy(ccorr))
+            rf, cf = mutual_best(rho)
+            parts["row_mutual"].append(rf.cpu())
+            parts["col_mutual"].append(cf.cpu())
+            del rho
+            # baseline for a's neurons: b's layer rotated; for b's neurons: a's layer rotated
+            rb = rot_b[la].to(tile.device)
+            inv_rb = inv_std(((cov_b[la] @ rb) * rb).sum(0), n)
+            parts["row_mutual_base"].append(
+                mutual_best((tile @ rb) * inv_a[:, None] * inv_rb[None, :])[0].cpu())
+            ra = rot_a[la].to(tile.device)
+            inv_ra = inv_std(((cov_a[la] @ ra) * ra).sum(0), n)
+            parts["col_mutual_base"].append(
+                mutual_best((ra.T @ tile) * inv_ra[:, None] * inv_b[None, :])[1].cpu())
+            bar.advance(1)
     return {k: torch.cat(v) for k, v in parts.items()}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..progress import progress
+
 __all__ = ["inv_std", "row_max", "block_results", "combine_topk", "ZERO_VAR"]
 
 #: A neuron whose variance is at most this (in activation units²) counts as constant.
@@ -53,7 +55,7 @@ def block_results(
     *, k: int = 5, col_cov: torch.Tensor | None = None, col_rot: list[torch.Tensor] | None = None,
     row_cov: torch.Tensor | None = None, row_rot: list[torch.Tensor] | None = None,
     rows_dir: bool = True, cols_dir: bool = False, want_rho: bool = False,
-    d_rows: int | None = None, d_cols: int | None = None,
+    d_rows: int | None = None, d_cols: int | None = None, desc: str = "max correlations",
 ) -> dict[str, torch.Tensor]:
     """Correlation summaries for a block of rows (whole layers of model a) x all of model b.
 
@@ -67,7 +69,7 @@ def block_results(
     act within a layer, so a
     tile holds everything its baseline needs, and the working copies are a few tiles, not a
     few blocks (``plan.WORK_TILE``). Tiles combine exactly: top-k by :func:`combine_topk`,
-    maxima by ``fmax``.
+    maxima by ``fmax``. ``desc`` names the progress bar over the tiles.
     """
     R, Nb = c_block.shape
     # a rotation mixes the units of one layer: with a baseline, a tile is at most one layer
@@ -88,31 +90,34 @@ def block_results(
     rho_out = torch.empty(R, Nb, dtype=torch.float16, device=dev) if want_rho else None
     # column layers outside: a block has many of them and few row layers, so each column
     # rotation goes to the device once (a GPT-2 rotation is 75 MB)
-    for tj, c0 in enumerate(range(0, Nb, dc)):
-        cs = slice(c0, c0 + dc)
-        rot_c = col_rot[tj].to(dev) if rows_base else None
-        for ti, r0 in enumerate(range(0, R, dr)):
-            rs = slice(r0, r0 + dr)
-            tile = c_block[rs, cs]  # [dr, dc], a view
-            rho = tile * inv_r[rs, None] * inv_c[None, cs]  # [dr, dc]
-            if rho_out is not None:
-                rho_out[rs, cs] = rho.to(torch.float16)
-            if rows_dir:
-                v, i = row_max(rho, k, dim=1)  # [dr, k]
-                row_parts[ti].append((v, torch.where(i >= 0, i + c0, i)))
-            if cols_dir:
-                v, i = row_max(rho, k, dim=0)  # [k, dc]
-                col_parts[tj].append((v.T, torch.where(i >= 0, i + r0, i).T))
-            del rho
-            if rows_base:
-                base = (tile @ rot_c) * inv_r[rs, None] * inv_cr[None, cs]
-                row_base[rs] = torch.fmax(row_base[rs], row_max(base, 1, dim=1)[0][:, 0])
-                del base
-            if cols_base:
-                # Cov(X_l R_l, Y) = R_lᵀ C_l: rotate the tile's rows (its transpose's columns)
-                base = (tile.T @ row_rot[ti].to(dev)) * inv_c[cs, None] * inv_rr[None, rs]  # [dc, dr]
-                col_base[cs] = torch.fmax(col_base[cs], row_max(base, 1, dim=1)[0][:, 0])
-                del base
+    n_tiles = len(range(0, Nb, dc)) * len(range(0, R, dr))
+    with progress(desc, n_tiles, unit="layer pairs") as bar:
+        for tj, c0 in enumerate(range(0, Nb, dc)):
+            cs = slice(c0, c0 + dc)
+            rot_c = col_rot[tj].to(dev) if rows_base else None
+            for ti, r0 in enumerate(range(0, R, dr)):
+                rs = slice(r0, r0 + dr)
+                tile = c_block[rs, cs]  # [dr, dc], a view
+                rho = tile * inv_r[rs, None] * inv_c[None, cs]  # [dr, dc]
+                if rho_out is not None:
+                    rho_out[rs, cs] = rho.to(torch.float16)
+                if rows_dir:
+                    v, i = row_max(rho, k, dim=1)  # [dr, k]
+                    row_parts[ti].append((v, torch.where(i >= 0, i + c0, i)))
+                if cols_dir:
+                    v, i = row_max(rho, k, dim=0)  # [k, dc]
+                    col_parts[tj].append((v.T, torch.where(i >= 0, i + r0, i).T))
+                del rho
+                if rows_base:
+                    base = (tile @ rot_c) * inv_r[rs, None] * inv_cr[None, cs]
+                    row_base[rs] = torch.fmax(row_base[rs], row_max(base, 1, dim=1)[0][:, 0])
+                    del base
+                if cols_base:
+                    # Cov(X_l R_l, Y) = R_lᵀ C_l: rotate the tile's rows (its transpose's columns)
+                    base = (tile.T @ row_rot[ti].to(dev)) * inv_c[cs, None] * inv_rr[None, rs]  # [dc, dr]
+                    col_base[cs] = torch.fmax(col_base[cs], row_max(base, 1, dim=1)[0][:, 0])
+                    del base
+                bar.advance(1)
     out: dict[str, torch.Tensor] = {}
     if rows_dir:
         tops = [combine_topk([v for v, _ in p], [i for _, i in p], k) for p in row_parts]

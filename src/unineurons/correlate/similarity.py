@@ -47,6 +47,7 @@ import math
 
 import torch
 
+from ..progress import progress
 from .maxcorr import ZERO_VAR
 
 __all__ = ["cka_from_cov", "ridge_r2_from_corr", "layer_pair_similarity", "unit_similarity",
@@ -197,14 +198,16 @@ def unit_similarity(c_block: torch.Tensor, n: float, l0: int, l1: int, cov_a: to
     """
     d_a, d_b, L_b = cov_a.shape[-1], cov_b.shape[-1], cov_b.shape[0]
     out = torch.full((l1 - l0, L_b, len(FIELDS)), float("nan"), dtype=torch.float64)
-    eig_a = [_eig(cov_a[la], n) for la in range(l0, l1)]
-    for lb in range(L_b):
-        eig_b = _eig(cov_b[lb], n)
-        for i, la in enumerate(range(l0, l1)):
-            tile = c_block[i * d_a:(i + 1) * d_a, lb * d_b:(lb + 1) * d_b]
-            res = layer_pair_similarity(tile, cov_a[la], cov_b[lb], n, eig_a[i], eig_b,
-                                        rot_a[la] if rot_a is not None else None,
-                                        rot_b[lb] if rot_b is not None else None)
-            out[i, lb] = torch.tensor([res[f] for f in FIELDS], dtype=torch.float64)
-        del eig_b
+    with progress("layer similarity", (l1 - l0) * L_b, unit="layer pairs") as bar:
+        eig_a = [_eig(cov_a[la], n) for la in range(l0, l1)]
+        for lb in range(L_b):
+            eig_b = _eig(cov_b[lb], n)
+            for i, la in enumerate(range(l0, l1)):
+                tile = c_block[i * d_a:(i + 1) * d_a, lb * d_b:(lb + 1) * d_b]
+                res = layer_pair_similarity(tile, cov_a[la], cov_b[lb], n, eig_a[i], eig_b,
+                                            rot_a[la] if rot_a is not None else None,
+                                            rot_b[lb] if rot_b is not None else None)
+                out[i, lb] = torch.tensor([res[f] for f in FIELDS], dtype=torch.float64)
+                bar.advance(1)
+            del eig_b
     return out

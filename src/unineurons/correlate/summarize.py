@@ -12,6 +12,7 @@ import torch
 
 from ..accumulators.comoments import LayerCov
 from ..models.load import LoadedModel
+from ..progress import progress
 from ..rundir import RunDir, pair_file_name
 from ..tokens import TokenStore
 from .calibrate import calibrated_columns
@@ -102,95 +103,100 @@ def finalize(run: RunDir, cfg: CorrelateConfig, models: list[LoadedModel], store
     dirs = _directions(cfg, shapes, res, plan)
     sides = sorted({a for a, _ in dirs})
     neuron_rows, match_rows, layer_rows = [], [], []
-    for a in sides:
-        sa = shapes[a]
-        name_a = models[a].name
-        partners = [b for (x, b) in dirs if x == a]
-        maxes, bases, nulls = [], [], []
-        for b in partners:
-            d = dirs[(a, b)]
-            top1 = d["topv"][:, 0].float()
-            arg = d["topi"][:, 0]
-            base = d.get("base", torch.full_like(top1, float("nan"))).float()
-            maxes.append(top1)
-            bases.append(base)
-            db = shapes[b].d_mlp
-            arg_np = arg.numpy()
-            match_rows.append(pd.DataFrame({
-                "model": name_a, "partner": models[b].name,
+    # per model: its pair files, calibrated p-values and per-layer summary (participation
+    # ratio: a [d_mlp, d_mlp] correlation matrix per layer)
+    with progress("correlate tables", sum(shapes[a].n_layers for a in sides),
+                  unit="layers") as bar:
+        for a in sides:
+            sa = shapes[a]
+            name_a = models[a].name
+            partners = [b for (x, b) in dirs if x == a]
+            maxes, bases, nulls = [], [], []
+            for b in partners:
+                d = dirs[(a, b)]
+                top1 = d["topv"][:, 0].float()
+                arg = d["topi"][:, 0]
+                base = d.get("base", torch.full_like(top1, float("nan"))).float()
+                maxes.append(top1)
+                bases.append(base)
+                db = shapes[b].d_mlp
+                arg_np = arg.numpy()
+                match_rows.append(pd.DataFrame({
+                    "model": name_a, "partner": models[b].name,
+                    "layer": np.repeat(np.arange(sa.n_layers), sa.d_mlp),
+                    "neuron": np.tile(np.arange(sa.d_mlp), sa.n_layers),
+                    "max_corr": top1.numpy(),
+                    "argmax_layer": np.where(arg_np >= 0, arg_np // db, -1),
+                    "argmax_neuron": np.where(arg_np >= 0, arg_np % db, -1),
+                    "baseline_corr": base.numpy(),
+                }))
+                tensors = {"max_corr": top1, "argmax": arg,
+                           "argmax_layer": torch.where(arg >= 0, arg // db, -1),
+                           "argmax_neuron": torch.where(arg >= 0, arg % db, -1),
+                           "topk_corr": d["topv"].float(), "topk_index": d["topi"],
+                           "baseline_corr": base}
+                if "rho" in d:
+                    tensors["rho"] = d["rho"]
+                if "null" in d:
+                    tensors["null_max_corr"] = d["null"].float()  # [R, N]: max over b rotated, per draw
+                    nulls.append(d["null"].numpy())
+                from ..io import save_tensors
+
+                save_tensors(run.pairs_dir / pair_file_name(name_a, models[b].name), tensors,
+                             metadata={"model": name_a, "partner": models[b].name,
+                                       "index": "flat: layer * d_mlp + neuron"})
+            mx = torch.stack(maxes)  # [P, N]
+            bs = torch.stack(bases)
+            max_corr = mx.mean(0)
+            base_corr = bs.mean(0)
+            excess = max_corr - base_corr
+            ceiling = res_ceiling(res, plan, a, sa)
+            m2 = layercov[a].m2()
+            zero_var = ((m2 / layercov[a].n) <= ZERO_VAR).cpu()  # layer covariances live on the run's device
+            df = pd.DataFrame({
+                "model": name_a,
                 "layer": np.repeat(np.arange(sa.n_layers), sa.d_mlp),
                 "neuron": np.tile(np.arange(sa.d_mlp), sa.n_layers),
-                "max_corr": top1.numpy(),
-                "argmax_layer": np.where(arg_np >= 0, arg_np // db, -1),
-                "argmax_neuron": np.where(arg_np >= 0, arg_np % db, -1),
-                "baseline_corr": base.numpy(),
-            }))
-            tensors = {"max_corr": top1, "argmax": arg,
-                       "argmax_layer": torch.where(arg >= 0, arg // db, -1),
-                       "argmax_neuron": torch.where(arg >= 0, arg % db, -1),
-                       "topk_corr": d["topv"].float(), "topk_index": d["topi"],
-                       "baseline_corr": base}
-            if "rho" in d:
-                tensors["rho"] = d["rho"]
-            if "null" in d:
-                tensors["null_max_corr"] = d["null"].float()  # [R, N]: max over b rotated, per draw
-                nulls.append(d["null"].numpy())
-            from ..io import save_tensors
-
-            save_tensors(run.pairs_dir / pair_file_name(name_a, models[b].name), tensors,
-                         metadata={"model": name_a, "partner": models[b].name,
-                                   "index": "flat: layer * d_mlp + neuron"})
-        mx = torch.stack(maxes)  # [P, N]
-        bs = torch.stack(bases)
-        max_corr = mx.mean(0)
-        base_corr = bs.mean(0)
-        excess = max_corr - base_corr
-        ceiling = res_ceiling(res, plan, a, sa)
-        m2 = layercov[a].m2()
-        zero_var = ((m2 / layercov[a].n) <= ZERO_VAR).cpu()  # layer covariances live on the run's device
-        df = pd.DataFrame({
-            "model": name_a,
-            "layer": np.repeat(np.arange(sa.n_layers), sa.d_mlp),
-            "neuron": np.tile(np.arange(sa.d_mlp), sa.n_layers),
-            "max_corr": max_corr.numpy(), "baseline_corr": base_corr.numpy(),
-            "excess_corr": excess.numpy(),
-            "is_universal": (excess > cfg.threshold).numpy(),
-            "best_partner_corr": torch.nan_to_num(mx, nan=float("-inf")).amax(0).numpy(),
-            "best_baseline_corr": torch.nan_to_num(bs, nan=float("-inf")).amax(0).numpy(),
-            "n_partners": len(partners),
-            "zero_var": zero_var.numpy(),
-        })
-        for col in ("best_partner_corr", "best_baseline_corr"):
-            df.loc[np.isinf(df[col]), col] = np.nan
-        if nulls:
-            for col, v in calibrated_columns(max_corr.numpy(), nulls, df["layer"].to_numpy(),
-                                             cfg.fdr).items():
-                df[col] = v
-        if ceiling is not None:
-            df["ceiling_corr"] = ceiling.float().numpy()
-            # how much of the excess a perfect copy could reach is 1 - ceiling
-            df["excess_norm"] = df["excess_corr"] / (1.0 - df["ceiling_corr"])
-        neuron_rows.append(df)
-        for layer in range(sa.n_layers):
-            sub = df[df.layer == layer]
-            row = {"model": name_a, "layer": layer, "neurons": len(sub),
-                   "universal": int(sub.is_universal.sum()),
-                   "universal_share": float(sub.is_universal.mean()),
-                   **({"universal_calibrated": int(sub.is_universal_calibrated.sum()),
-                       "universal_calibrated_share": float(sub.is_universal_calibrated.mean())}
-                      if nulls else {}),
-                   "mean_max_corr": float(sub.max_corr.mean()),
-                   "mean_baseline_corr": float(sub.baseline_corr.mean()),
-                   "mean_excess_corr": float(sub.excess_corr.mean()),
-                   "median_excess_corr": float(sub.excess_corr.median()),
-                   "zero_var": int(sub.zero_var.sum()),
-                   "participation_ratio": participation_ratio(layercov[a].c[layer])}
+                "max_corr": max_corr.numpy(), "baseline_corr": base_corr.numpy(),
+                "excess_corr": excess.numpy(),
+                "is_universal": (excess > cfg.threshold).numpy(),
+                "best_partner_corr": torch.nan_to_num(mx, nan=float("-inf")).amax(0).numpy(),
+                "best_baseline_corr": torch.nan_to_num(bs, nan=float("-inf")).amax(0).numpy(),
+                "n_partners": len(partners),
+                "zero_var": zero_var.numpy(),
+            })
+            for col in ("best_partner_corr", "best_baseline_corr"):
+                df.loc[np.isinf(df[col]), col] = np.nan
+            if nulls:
+                for col, v in calibrated_columns(max_corr.numpy(), nulls, df["layer"].to_numpy(),
+                                                 cfg.fdr).items():
+                    df[col] = v
             if ceiling is not None:
-                row["mean_ceiling_corr"] = float(sub.ceiling_corr.mean())
-            for t in SHARE_THRESHOLDS:
-                row[f"share_max_gt_{t}"] = float((sub.best_partner_corr > t).mean())
-                row[f"share_baseline_gt_{t}"] = float((sub.best_baseline_corr > t).mean())
-            layer_rows.append(row)
+                df["ceiling_corr"] = ceiling.float().numpy()
+                # how much of the excess a perfect copy could reach is 1 - ceiling
+                df["excess_norm"] = df["excess_corr"] / (1.0 - df["ceiling_corr"])
+            neuron_rows.append(df)
+            for layer in range(sa.n_layers):
+                sub = df[df.layer == layer]
+                row = {"model": name_a, "layer": layer, "neurons": len(sub),
+                       "universal": int(sub.is_universal.sum()),
+                       "universal_share": float(sub.is_universal.mean()),
+                       **({"universal_calibrated": int(sub.is_universal_calibrated.sum()),
+                           "universal_calibrated_share": float(sub.is_universal_calibrated.mean())}
+                          if nulls else {}),
+                       "mean_max_corr": float(sub.max_corr.mean()),
+                       "mean_baseline_corr": float(sub.baseline_corr.mean()),
+                       "mean_excess_corr": float(sub.excess_corr.mean()),
+                       "median_excess_corr": float(sub.excess_corr.median()),
+                       "zero_var": int(sub.zero_var.sum()),
+                       "participation_ratio": participation_ratio(layercov[a].c[layer])}
+                if ceiling is not None:
+                    row["mean_ceiling_corr"] = float(sub.ceiling_corr.mean())
+                for t in SHARE_THRESHOLDS:
+                    row[f"share_max_gt_{t}"] = float((sub.best_partner_corr > t).mean())
+                    row[f"share_baseline_gt_{t}"] = float((sub.best_baseline_corr > t).mean())
+                layer_rows.append(row)
+                bar.advance(1)
     if run.has_table("neurons"):
         # a new correlate run invalidates every column computed from the old one
         run.table_path("neurons").unlink()

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ..progress import progress
 from .tables import Tables, short_names
 
 __all__ = ["browser_data", "script_json", "context_neurons", "chosen_mask", "round_sig",
@@ -171,19 +172,22 @@ def _contexts(tc: pd.DataFrame | None, chosen: dict[str, set[tuple[int, int]]],
     if tc is None or tc.empty:
         return out
     index = {m: i for i, m in enumerate(models)}
-    for model, g in tc.groupby("model", sort=False):
-        model_acts = (acts or {}).get(model)
-        keep = np.nonzero(chosen_mask(g, chosen))[0]  # positions within the model's rows
-        sub = g.iloc[keep]
-        for pos_in_g, r in zip(keep, sub.itertuples(index=False), strict=True):
-            key = f"{index[model]}:{int(r.layer)}:{int(r.neuron)}"
-            entry = out.setdefault(key, {"scale": 0.0, "items": [], "_raw": []})
-            a = None if model_acts is None else model_acts[pos_in_g]
-            entry["items"].append([float(r.value), int(r.position), int(r.window_start),
-                                   int(r.row), [strings(s) for s in r.window_tokens], None])
-            entry["_raw"].append(a)
-            peak = np.abs(a).max() if a is not None and len(a) else abs(float(r.value))
-            entry["scale"] = max(entry["scale"], float(peak))
+    with progress("neuron pages: top contexts", int(chosen_mask(tc, chosen).sum()),
+                  unit="windows") as bar:
+        for model, g in tc.groupby("model", sort=False):
+            model_acts = (acts or {}).get(model)
+            keep = np.nonzero(chosen_mask(g, chosen))[0]  # positions within the model's rows
+            sub = g.iloc[keep]
+            for pos_in_g, r in zip(keep, sub.itertuples(index=False), strict=True):
+                key = f"{index[model]}:{int(r.layer)}:{int(r.neuron)}"
+                entry = out.setdefault(key, {"scale": 0.0, "items": [], "_raw": []})
+                a = None if model_acts is None else model_acts[pos_in_g]
+                entry["items"].append([float(r.value), int(r.position), int(r.window_start),
+                                       int(r.row), [strings(s) for s in r.window_tokens], None])
+                entry["_raw"].append(a)
+                peak = np.abs(a).max() if a is not None and len(a) else abs(float(r.value))
+                entry["scale"] = max(entry["scale"], float(peak))
+                bar.advance(1)
     for entry in out.values():
         scale = entry["scale"] or 1.0
         for item, a in zip(entry["items"], entry.pop("_raw"), strict=True):
@@ -203,12 +207,17 @@ def _vocab(v: pd.DataFrame | None, chosen: dict[str, set[tuple[int, int]]], mode
     index = {m: i for i, m in enumerate(models)}
     v = v[(v["rank"] <= k) & chosen_mask(v, chosen)]
     v = v.sort_values(["model", "layer", "neuron", "side", "direction", "rank"])
-    for (model, layer, neuron, side, direction), g in v.groupby(
-            ["model", "layer", "neuron", "side", "direction"], sort=False):
-        key = f"{index[model]}:{int(layer)}:{int(neuron)}"
-        out.setdefault(key, {})[f"{side}_{direction}"] = [
-            [strings(s), c] for s, c in zip(g["token"], round_sig(g["cosine"].to_numpy(float), 3),
-                                            strict=True)]
+    n_pages = len(v[["model", "layer", "neuron"]].drop_duplicates())
+    with progress("neuron pages: vocabulary", n_pages, unit="neurons") as bar:
+        for (model, layer, neuron, side, direction), g in v.groupby(
+                ["model", "layer", "neuron", "side", "direction"], sort=False):
+            key = f"{index[model]}:{int(layer)}:{int(neuron)}"
+            if key not in out:
+                bar.advance(1)  # a new neuron's page: count it as it starts
+            out.setdefault(key, {})[f"{side}_{direction}"] = [
+                [strings(s), c] for s, c in zip(g["token"],
+                                                round_sig(g["cosine"].to_numpy(float), 3),
+                                                strict=True)]
     return out
 
 

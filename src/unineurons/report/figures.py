@@ -29,6 +29,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from ..io import atomic_path
+from ..progress import track
 from ..rundir import RunDir
 from .tables import Skip, Tables, short_names
 
@@ -171,9 +172,9 @@ def make_figures(run: RunDir, formats: Sequence[str] = ("png", "svg"), dpi: int 
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn: list[FigureResult] = []
     skipped: list[SkippedFigure] = []
-    for spec in sorted(FIGURES, key=lambda f: SECTIONS.index(f.section)):
-        if only is not None and spec.id not in only:
-            continue
+    specs = [f for f in sorted(FIGURES, key=lambda f: SECTIONS.index(f.section))
+             if only is None or f.id in only]
+    for spec in track(specs, "figures", unit="figures"):
         missing = [t for t in spec.needs if not tables.has(t)]
         try:
             if missing:

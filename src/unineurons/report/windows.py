@@ -18,6 +18,7 @@ import torch
 
 from ..errors import UnineuronsError
 from ..models.load import LoadedModel
+from ..progress import progress
 
 __all__ = ["window_activations", "run_window_activations"]
 
@@ -50,35 +51,40 @@ def window_activations(m: LoadedModel, tokens: np.ndarray, tops: pd.DataFrame,
     dev = next(m.model.parameters()).device
     uniq = np.unique(rows[keep])
     T = tokens.shape[1]
-    for b0 in range(0, len(uniq), batch_size):
-        chunk = uniq[b0:b0 + batch_size]
-        x = torch.from_numpy(np.asarray(tokens[chunk]).astype(np.int64))  # [B, T]
-        with m.adapter.capture() as store:
-            m.model(input_ids=x.to(dev), use_cache=False)
-        sel = np.nonzero(keep & np.isin(rows, chunk))[0]
-        b = np.searchsorted(chunk, rows[sel])  # [n_sel] batch index of each window
-        w = int(lengths[sel].max())
-        pos = np.minimum(starts[sel, None] + np.arange(w)[None, :], T - 1)  # [n_sel, w]
-        for layer in np.unique(layers[sel]):
-            s = layers[sel] == layer
-            act = store[int(layer)]  # [B, T, d_mlp]
-            v = act[torch.from_numpy(b[s])[:, None], torch.from_numpy(pos[s]),
-                    torch.from_numpy(neurons[sel][s])[:, None]]  # [n_s, w]
-            v = v.float().cpu().numpy()
-            for j, i in enumerate(sel[s]):
-                out[i] = v[j, : lengths[i]].copy()
-    for i in np.nonzero(keep)[0]:
-        ids = np.asarray(tops["window_ids"].iloc[i])
-        store_ids = np.asarray(tokens[rows[i], starts[i]:starts[i] + lengths[i]])
-        if not np.array_equal(ids, store_ids):
-            raise UnineuronsError(f"model {m.name}: the top-context window of row {rows[i]} "
-                                  "differs from the token store; the store changed since "
-                                  "`unineurons analyze` ran")
-        got = out[i][int(tops["position"].iloc[i] - starts[i])]  # type: ignore[index]
-        if abs(got - values[i]) > rtol * max(1.0, abs(values[i])):
-            raise UnineuronsError(f"model {m.name}: recomputed activation {got:.4g} of "
-                                  f"L{layers[i]}.N{neurons[i]} differs from the stored "
-                                  f"{values[i]:.4g}; the model or store changed since analyze")
+    with progress(f"window activations of {m.name}", len(uniq) * T, unit="tokens") as bar:
+        for b0 in range(0, len(uniq), batch_size):
+            chunk = uniq[b0:b0 + batch_size]
+            x = torch.from_numpy(np.asarray(tokens[chunk]).astype(np.int64))  # [B, T]
+            with m.adapter.capture() as store:
+                m.model(input_ids=x.to(dev), use_cache=False)
+            sel = np.nonzero(keep & np.isin(rows, chunk))[0]
+            b = np.searchsorted(chunk, rows[sel])  # [n_sel] batch index of each window
+            w = int(lengths[sel].max())
+            pos = np.minimum(starts[sel, None] + np.arange(w)[None, :], T - 1)  # [n_sel, w]
+            for layer in np.unique(layers[sel]):
+                s = layers[sel] == layer
+                act = store[int(layer)]  # [B, T, d_mlp]
+                v = act[torch.from_numpy(b[s])[:, None], torch.from_numpy(pos[s]),
+                        torch.from_numpy(neurons[sel][s])[:, None]]  # [n_s, w]
+                v = v.float().cpu().numpy()
+                for j, i in enumerate(sel[s]):
+                    out[i] = v[j, : lengths[i]].copy()
+            bar.advance(x.numel())
+    kept = np.nonzero(keep)[0]
+    with progress(f"checking windows of {m.name}", len(kept), unit="windows") as bar:
+        for i in kept:
+            ids = np.asarray(tops["window_ids"].iloc[i])
+            store_ids = np.asarray(tokens[rows[i], starts[i]:starts[i] + lengths[i]])
+            if not np.array_equal(ids, store_ids):
+                raise UnineuronsError(f"model {m.name}: the top-context window of row {rows[i]} "
+                                      "differs from the token store; the store changed since "
+                                      "`unineurons analyze` ran")
+            got = out[i][int(tops["position"].iloc[i] - starts[i])]  # type: ignore[index]
+            if abs(got - values[i]) > rtol * max(1.0, abs(values[i])):
+                raise UnineuronsError(f"model {m.name}: recomputed activation {got:.4g} of "
+                                      f"L{layers[i]}.N{neurons[i]} differs from the stored "
+                                      f"{values[i]:.4g}; the model or store changed since analyze")
+            bar.advance(1)
     return out
 
 
