@@ -353,7 +353,12 @@ def main() -> None:
     ap.add_argument("--scale-tokens", type=int, default=16_384, help="(d): 1x of 1x/2x/4x (4x <= the store)")
     ap.add_argument("--train-steps", type=int, default=150, help="(g): steps of the two trained seeds; 0: none")
     ap.add_argument("--skip", default="", help="comma-separated sections among a-g to skip, e.g. c,e")
+    ap.add_argument("--threads", type=int, default=0, help=(
+        "torch threads (0: torch's default). 1 makes CPU seconds comparable on a busy machine: "
+        "with more threads than free cores, CPU time also counts threads spinning for a core"))
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     skip = set(args.skip.split(","))
     set_quiet(True)
     tmp = Path(tempfile.mkdtemp(prefix="unineurons_bench_"))

@@ -132,6 +132,31 @@ def test_lm_metrics_against_scipy():
     assert empty["n_targets"] == 0 and np.isnan(empty["loss"])
 
 
+def test_lm_metrics_fused_sums_match_the_masked_formula():
+    """Entropy and KL come from fused product sums (vecdot); they equal the masked
+    ``where(p > 0, p * log p, 0).sum`` form, also on rows holding -inf log-probabilities
+    (exactly-zero probabilities contribute nothing; a token clean gives mass and the patched
+    model none makes KL infinite)."""
+    g = torch.Generator().manual_seed(0)
+    n, v = 12, 300
+    lg, cl = torch.randn(n, v, generator=g) * 4, torch.randn(n, v, generator=g) * 4
+    lg[2, 3] = cl[2, 3] = -float("inf")  # zero in both: contributes nothing
+    lg[5, 0] = -float("inf")  # zero only where patched: KL = inf
+    cl[7, 1] = -float("inf")  # zero only in clean
+    lp, clp = torch.log_softmax(lg, -1), torch.log_softmax(cl, -1)
+    tgt, scale = torch.randint(0, v, (n,), generator=g), torch.rand(n, generator=g)
+    acc = LMMetrics(v).update(lp, tgt, scale, clp, torch.arange(n))
+    p, pc = lp.exp(), clp.exp()
+    ent = -torch.where(p > 0, p * lp, 0.0).sum(-1)
+    kl = torch.where(pc > 0, pc * (clp - lp), 0.0).sum(-1)
+    assert torch.isinf(kl[5]) and torch.isfinite(kl[[0, 2, 7]]).all()
+    got = acc.contexts.state_dict()
+    assert got["ctx_id"].tolist() == list(range(n))
+    table = got["ctx_sums"]  # [contexts, CONTEXT_COLUMNS]: one row per context here
+    np.testing.assert_array_equal(table[:, 2].numpy(), ent.double().numpy())
+    np.testing.assert_array_equal(table[:, 3].numpy(), kl.double().numpy())
+
+
 # ---- masks, norms, patches ------------------------------------------------------------------
 def test_target_mask_skips_special_targets_and_pad_inputs():
     special = {"bos_id": 0, "eos_id": 1, "pad_id": 2, "newline_ids": [9]}
