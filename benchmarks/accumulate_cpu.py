@@ -3,6 +3,9 @@
 - *per block*: ``CoMoments.update_shifted`` as the engine calls it for each co-moment block of
   a fold: the shifted rows and their float64 column sums are made once per model and fold and
   shared by every block of that model, the product goes into one reused float32 workspace;
+- *engine fold*: one whole fold as the engine runs it for five models, reference vs rest
+  (``engine._fold`` without the layer covariances): every model shifted and summed once, then
+  the four pair blocks, against the four plain GEMMs;
 - *whole update*: ``CoMoments.update(x, y)``, which also shifts and sums both sides (what a
   run with a single block pays);
 - *previous*: the update before issue 15 (two float64 passes per fold: ``C += xsᵀys`` then
@@ -63,9 +66,10 @@ def main() -> None:
         f()
         return (time.thread_time() if args.threads == 1 else time.process_time()) - t0
 
-    cols = ("plain GEMM", "per block", "ratio", "whole update", "ratio", "previous", "ratio",
-            "max|ΔC|/max|C|")
-    print(f"{'n x d':<14}" + "".join(f"{c:>{w}}" for c, w in zip(cols, (12, 11, 7, 14, 7, 10, 7, 17), strict=True)))
+    cols = ("plain GEMM", "per block", "ratio", "engine fold", "ratio", "whole update", "ratio",
+            "previous", "ratio", "max|ΔC|/max|C|")
+    widths = (12, 11, 7, 13, 7, 14, 7, 10, 7, 17)
+    print(f"{'n x d':<14}" + "".join(f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)))
     for n, d in ((2048, 1024), (2048, 3072), (4096, 3072)):  # benchmarks/correlate.py (a)
         g = torch.Generator().manual_seed(0)
         x = torch.randn(n, d, generator=g) + 3
@@ -77,7 +81,23 @@ def main() -> None:
         sx, sy = shift_of(x), shift_of(y)
         xs, ys = shifted(x, sx, torch.float32), shifted(y, sy, torch.float32)
         sums = (sum64(xs), sum64(ys))
+        # five models, reference vs rest: the engine's fold against its four plain GEMMs
+        acts = [x, y] + [torch.randn(n, d, generator=g) * (1 + k) for k in range(3)]
+        pairs = [CoMoments(d, d) for _ in acts[1:]]
+
+        def engine_fold(acts=acts, pairs=pairs, work=work) -> None:
+            sh = [shift_of(a) for a in acts]
+            xs_ = [shifted(a, s_, torch.float32) for a, s_ in zip(acts, sh, strict=True)]
+            su = [sum64(v) for v in xs_]
+            for j, acc in enumerate(pairs, start=1):
+                acc.update_shifted(sh[0], sh[j], xs_[0], xs_[j], work, (su[0], su[j]))
+
+        def plain_fold(acts=acts) -> None:
+            for a in acts[1:]:
+                acts[0].T @ a
+
         fs = {"plain": lambda x=x, y=y: x.T @ y,
+              "fold_plain": plain_fold, "fold": engine_fold,
               "block": lambda a=block, w=work, s=sums, sx=sx, sy=sy, xs=xs, ys=ys:
                   a.update_shifted(sx, sy, xs, ys, w, s),
               "whole": lambda x=x, y=y, a=whole, w=work: a.update(x, y, w),
@@ -88,7 +108,8 @@ def main() -> None:
                 best[k] = min(best[k], cpu(f))
         diff = float((whole.c - prev.c).abs().max() / prev.c.abs().max())
         print(f"{n} x {d:<7}{best['plain'] * 1e3:>10.0f}ms{best['block'] * 1e3:>9.0f}ms"
-              f"{best['plain'] / best['block']:>7.2f}{best['whole'] * 1e3:>12.0f}ms"
+              f"{best['plain'] / best['block']:>7.2f}{best['fold'] * 1e3:>11.0f}ms"
+              f"{best['fold_plain'] / best['fold']:>7.2f}{best['whole'] * 1e3:>12.0f}ms"
               f"{best['plain'] / best['whole']:>7.2f}{best['prev'] * 1e3:>8.0f}ms"
               f"{best['plain'] / best['prev']:>7.2f}{diff:>17.1e}")
 

@@ -232,7 +232,7 @@ def zoo_rows(dev: str, preset: str, steps: int, repeats: int, row) -> None:
     from unineurons.zoo import ZooConfig
 
     tokens = steps * ZooConfig.from_preset(preset).batch_size * mod.CTX
-    ref = next(sec for _, sec, ratio in out if ratio == 1.0)
+    ref = dict((name, sec) for name, sec, _ in out)[mod.reference_name(dev)]
     for name, sec, _ in out:
         if name.startswith("zoo train"):
             row(f"(e) {name}, preset {preset}, {steps} steps on {dev}",

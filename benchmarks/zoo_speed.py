@@ -133,6 +133,12 @@ def bare_run(spec: ZooSpec, optim: str) -> float:
     return _clock(dev) - t0
 
 
+def reference_name(device: str) -> str:
+    """The contender every time is divided by: the bare loop with the zoo's own optimizer
+    (``foreach=False`` AdamW on CPU, fused on a GPU; ``zoo.train._optimizer``)."""
+    return "bare loop, AdamW foreach=False" if device == "cpu" else "bare loop, AdamW fused=True"
+
+
 def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="tiny", help="zoo preset (micro, tiny, small)")
@@ -155,8 +161,6 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
                        tokens=str(train), heldout=str(held), tokenizer="-", vocab_size=VOCAB,
                        n_positions=CTX, ctx=CTX, device=dev)
         steps_only = dataclasses.replace(full, heldout=None, checkpoints=(args.steps,))
-        # the zoo's own optimizer is the reference bare loop: foreach=False on CPU, fused on GPU
-        zoo_opt = "loop" if dev == "cpu" else "fused"
         runs = {
             "zoo train (evals, checkpoints)": lambda: zoo_run(full),
             "zoo train, steps only": lambda: zoo_run(steps_only),
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, float, float]]:
             "bare loop, AdamW foreach=True": lambda: bare_run(full, "foreach"),
             "bare loop, AdamW fused=True": lambda: bare_run(full, "fused"),
         }
-        ref_name = {"loop": "bare loop, AdamW foreach=False", "fused": "bare loop, AdamW fused=True"}[zoo_opt]
+        ref_name = reference_name(dev)
         if args.compile:
             runs["bare loop, torch.compile, fused"] = lambda: bare_run(full, "compile+fused")
         best = dict.fromkeys(runs, float("inf"))

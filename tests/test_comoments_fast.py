@@ -79,14 +79,58 @@ def test_workspace_gives_the_same_bits():
     assert torch.equal(fresh.mean_x, reused.mean_x) and torch.equal(fresh.n, reused.n)
 
 
-def test_given_sums_give_the_same_bits():
-    """The engine sums each model's rows once per fold and slices them for every block."""
-    x, y = _data(5, 30, 8, 50.0, 1.0, seed=4)
-    ref, given = CoMoments(4, 8), CoMoments(4, 8)
-    for i in range(5):
-        xs, ys = x[i * 30:(i + 1) * 30].float(), y[i * 30:(i + 1) * 30].float()
-        sx, sy = xs.mean(0).double(), ys.mean(0).double()
-        xs, ys = (xs - sx.float()), (ys - sy.float())
-        ref.update_shifted(sx[2:6], sy, xs[:, 2:6], ys)
-        given.update_shifted(sx[2:6], sy, xs[:, 2:6], ys, sums=(sum64(xs)[2:6], sum64(ys)))
-    assert torch.equal(ref.c, given.c) and torch.equal(ref.mean_x, given.mean_x)
+def test_given_sums_match_summing_the_block():
+    """The engine sums each model's rows once per fold and slices them for every block: the
+    same result as the block summing its own slice (bitwise for an aligned slice, to the last
+    float32 bit of a sum for a misaligned one such as layer 1 of a 65-wide model)."""
+    x, y = _data(5, 30, 130, 50.0, 1.0, seed=4)
+    for rows in (slice(0, 64), slice(65, 130)):
+        ref, given = CoMoments(rows.stop - rows.start, 130), CoMoments(rows.stop - rows.start, 130)
+        for i in range(5):
+            xs, ys = x[i * 30:(i + 1) * 30].float(), y[i * 30:(i + 1) * 30].float()
+            sx, sy = xs.mean(0).double(), ys.mean(0).double()
+            xs, ys = (xs - sx.float()), (ys - sy.float())
+            ref.update_shifted(sx[rows], sy, xs[:, rows], ys)
+            given.update_shifted(sx[rows], sy, xs[:, rows], ys, sums=(sum64(xs)[rows], sum64(ys)))
+        if rows.start == 0:
+            assert torch.equal(ref.c, given.c) and torch.equal(ref.mean_x, given.mean_x)
+        scale = float(ref.c.abs().max())
+        assert float((ref.c - given.c).abs().max()) <= 1e-6 * scale
+        torch.testing.assert_close(ref.mean_x, given.mean_x, rtol=1e-6, atol=1e-9)
+
+
+def test_bfloat16_path_one_float64_pass():
+    """bf16 products (float32 accumulation on CUDA, bf16 output on CPU) with the rank-2 terms
+    added in float32: correlations within bf16 precision of exact float64, and the same as
+    adding the rank-2 terms in float64 to float32 rounding."""
+    n_folds, fold, d = 20, 64, 12
+    x, y = _data(n_folds, fold, d, 1e3, 3.0, seed=6)
+    acc = CoMoments(d, d, compute_dtype=torch.bfloat16)
+    two_pass = CoMoments(d, d, compute_dtype=torch.bfloat16)
+    ref = CoMoments(d, d, compute_dtype=torch.float64)
+    from unineurons.accumulators.comoments import _cross, shift_of, shifted
+
+    for i in range(n_folds):
+        sl = slice(i * fold, (i + 1) * fold)
+        acc.update(x[sl].float(), y[sl].float())
+        ref.update(x[sl], y[sl])
+        # the previous bf16 update: product into float64, then the rank-2 terms in float64
+        xs_, ys_ = x[sl].float(), y[sl].float()
+        sx, sy = shift_of(xs_), shift_of(ys_)
+        bx, by = shifted(xs_, sx, torch.bfloat16), shifted(ys_, sy, torch.bfloat16)
+        sum_x, sum_y = sum64(bx), sum64(by)
+        nb, na = fold, float(two_pass.n)
+        dx, dy = sx + sum_x / nb - two_pass.mean_x, sy + sum_y / nb - two_pass.mean_y
+        two_pass.c.add_(_cross(bx, by)).addmm_(
+            torch.stack([-sum_x / nb, dx * (na * nb / (na + nb))], 1), torch.stack([sum_y, dy], 0))
+        two_pass.mean_x += dx * (nb / (na + nb))
+        two_pass.mean_y += dy * (nb / (na + nb))
+        two_pass.n = two_pass.n + nb
+
+    def rho(a):
+        c = a.c.numpy()
+        return c / np.sqrt(np.outer((x - x.mean(0)).pow(2).sum(0).numpy(),
+                                    (y - y.mean(0)).pow(2).sum(0).numpy()))
+
+    assert np.abs(rho(acc) - rho(ref)).max() < 2e-3  # bf16 inputs (measured 2.4e-4)
+    np.testing.assert_allclose(rho(acc), rho(two_pass), atol=1e-6)

@@ -52,7 +52,8 @@ def test_a_bar_renders_its_rate_in_its_unit(drawn):
     assert 0 < float(rate.group(1).replace(",", "")) <= 50_000
 
 
-def test_nested_bars_share_one_display_and_each_keeps_its_line(drawn):
+def test_nested_bars_share_one_display_and_each_keeps_its_line(drawn, monkeypatch):
+    monkeypatch.setattr(progress_mod, "KEEP_NESTED_S", 0.0)  # every nested line kept
     with progress("outer phase", 2, unit="blocks") as outer:
         for i in range(2):
             with progress(f"inner phase {i}", 10, unit="rotations") as inner:
@@ -64,6 +65,27 @@ def test_nested_bars_share_one_display_and_each_keeps_its_line(drawn):
                        ("inner phase 1", "rotations")):
         lines = [x for x in text.splitlines() if x.startswith(name)]
         assert lines and re.search(rf"[\d,.]+ {unit}/s", lines[-1]), (name, text)
+
+
+def test_short_or_failed_nested_bars_leave_no_line(drawn, monkeypatch):
+    """A nested phase shorter than KEEP_NESTED_S, or one ended by an exception, is dropped
+    from the scrollback (a per-block phase under --split-half would flood it); the display
+    still closes."""
+    monkeypatch.setattr(progress_mod, "KEEP_NESTED_S", 0.05)
+    with progress("outer phase", 3, unit="blocks") as outer:
+        with progress("quick inner", 1, unit="rotations") as inner:
+            inner.advance(1)
+        with progress("slow inner", 1, unit="rotations") as inner:
+            time.sleep(0.1)
+            inner.advance(1)
+        with pytest.raises(RuntimeError), progress("failed inner", 1, unit="rotations") as inner:
+            time.sleep(0.1)
+            raise RuntimeError("boom")
+        outer.advance(3)
+    assert progress_mod._LIVE is None and progress_mod._OPEN == 0
+    lines = drawn().splitlines()
+    assert any(x.startswith("slow inner") for x in lines)
+    assert not any(x.startswith(("quick inner", "failed inner")) for x in lines)
 
 
 def test_record_bars_lists_bars_even_when_quiet():

@@ -5,7 +5,8 @@ with :func:`set_quiet` whether bars are drawn. Bars nest: a bar opened while ano
 (a per-block phase inside a pass, a correlate run inside each dynamics step) joins the one
 live display as a second line instead of starting a second display (rich allows one at a
 time). When a nested bar ends, its final line (with its overall rate) is printed above the
-live ones and the line is removed, so the scrollback keeps one line per finished phase.
+live ones if it ran at least ``KEEP_NESTED_S`` seconds and finished without an exception, and
+the line is removed: the scrollback keeps one line per phase that took time.
 
 :func:`record_bars` lists every bar opened, drawn or quiet, so that a test can check that a
 command's phases still have their bars. Usage::
@@ -140,7 +141,11 @@ def _open(description: str, total: float | None, unit: str) -> tuple[Progress, T
         return _LIVE, _LIVE.add_task(description, total=total, unit=unit)
 
 
-def _close(prog: Progress, task: TaskID) -> None:
+#: A nested bar that ran at least this long keeps its final line in the scrollback.
+KEEP_NESTED_S = 2.0
+
+
+def _close(prog: Progress, task: TaskID, ok: bool = True) -> None:
     global _LIVE, _OPEN
     with _LOCK:
         _OPEN -= 1
@@ -148,9 +153,11 @@ def _close(prog: Progress, task: TaskID) -> None:
             prog.stop()
             _LIVE = None
             return
-        # another bar is still live: print this one's final line above it and drop the line
+        # another bar is still live: print this one's final line above it (if it finished
+        # and took long enough to matter: a per-block phase under --split-half or a dynamics
+        # step would otherwise flood the scrollback) and drop the line
         done = [t for t in prog.tasks if t.id == task]
-        if done:
+        if ok and done and (done[0].elapsed or 0.0) >= KEEP_NESTED_S:
             prog.console.print(prog.make_tasks_table(done))
         prog.remove_task(task)
 
@@ -166,10 +173,12 @@ def progress(description: str, total: float | None, unit: str = "tokens") -> Ite
         yield Bar(None, None)
         return
     prog, task = _open(description, total, unit)
+    ok = False
     try:
         yield Bar(prog, task)
+        ok = True
     finally:
-        _close(prog, task)
+        _close(prog, task, ok)
 
 
 def track(items: Sequence[T], description: str, unit: str) -> Iterator[T]:

@@ -113,13 +113,15 @@ class CoMoments:
 
         ``work``: an optional float32 workspace of at least ``da * db`` elements (contiguous,
         on C's device) that the float32 path writes the fold's product into instead of a fresh
-        ``[da, db]`` allocation. Reusing one across folds and blocks saves the page faults of
-        touching a fresh block-sized buffer every fold (13 % of the GEMM's time at 2048 x 3072
-        on CPU, ``benchmarks/accumulate_cpu.py``); the result is bitwise the same.
+        ``[da, db]`` allocation each fold (no block-sized allocation per fold and block; on
+        CPU 0-2 % of the update's time in ``benchmarks/accumulate_cpu.py``, more where fresh
+        pages are expensive); the result is bitwise the same.
 
         ``sums``: ``(sum64(xs), sum64(ys))`` when the caller has them already (the engine sums
-        each model's shifted rows once per fold and slices them for every block); bitwise the
-        same as summing here.
+        each model's shifted rows once per fold and slices them for every block). The same
+        float32 chunk sums, so the same accuracy; bitwise the same as summing the slice here
+        when it starts on a multiple of the SIMD width (16 floats: GPT-2's, Pythia's and
+        Llama's layer widths), else different in the last float32 bit of a sum.
         """
         nb = xs.shape[0]
         if nb == 0:
@@ -143,7 +145,11 @@ class CoMoments:
             prod = (torch.mm(left.float(), right.float(), out=work[:da * db].view(da, db))
                     if work is not None else left.float().mm(right.float()))
             self.c.add_(prod.addmm_(xs.T, ys))
-        else:  # float64, or bf16 (whose product comes out separately anyway)
+        elif xs.dtype == torch.bfloat16:
+            # the product comes out as its own float32 matrix (fp32 accumulation on CUDA); the
+            # rank-2 terms go onto it in float32 as above: one float64 pass, not two
+            self.c.add_(_cross(xs, ys).addmm_(left.float(), right.float()))
+        else:  # float64: everything in float64
             self.c.add_(_cross(xs, ys)).addmm_(left, right)
         self.mean_x += dx * (nb / n)
         self.mean_y += dy * (nb / n)

@@ -9,6 +9,7 @@ co-moments and b's within-layer covariance, never a second pass over the data.
 from __future__ import annotations
 
 import hashlib
+import threading
 
 import torch
 
@@ -16,6 +17,7 @@ __all__ = ["random_orthogonal", "rotation_for"]
 
 #: Largest ``d`` whose QR runs on one CPU thread (see :func:`random_orthogonal`).
 SERIAL_QR_MAX = 1024
+_QR_LOCK = threading.Lock()
 
 
 def random_orthogonal(d: int, generator: torch.Generator, device: str | torch.device = "cpu"
@@ -30,14 +32,19 @@ def random_orthogonal(d: int, generator: torch.Generator, device: str | torch.de
     if g.device.type == "cpu" and d <= SERIAL_QR_MAX and torch.get_num_threads() > 1:
         # Householder QR of a small matrix is a chain of fine-grained parallel regions: on a
         # busy machine their threads spin waiting for each other. Measured on 2 shared cores
-        # (load ~7): d = 512 took 0.5 CPU-s with 2 threads against 0.035 with one, d = 1024
-        # 0.49 against 0.14; idle, one thread costs at most a few ms more per rotation.
-        prev = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            q, r = torch.linalg.qr(g)
-        finally:
-            torch.set_num_threads(prev)
+        # (load ~7): d = 512 took 0.5 CPU-s (1.0 s wall) with 2 threads against 0.035 (0.1 s)
+        # with one, d = 1024 0.49 CPU-s (1.4 s) against 0.14 (0.5 s). On idle cores more
+        # threads can be up to that many times faster at d = 1024 (~0.13 s on one here).
+        # The result no longer depends on the caller's thread count either (LAPACK's differs
+        # in the last bits between thread counts). The lock keeps two Python threads from
+        # interleaving the switch and leaving the process on one thread.
+        with _QR_LOCK:
+            prev = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                q, r = torch.linalg.qr(g)
+            finally:
+                torch.set_num_threads(prev)
     else:
         q, r = torch.linalg.qr(g)
     s = torch.sign(torch.diagonal(r))
