@@ -142,7 +142,7 @@ def _open(description: str, total: float | None, unit: str) -> tuple[Progress, T
 
 
 #: A nested bar that ran at least this long keeps its final line in the scrollback.
-KEEP_NESTED_S = 2.0
+KEEP_NESTED_S = 5.0
 
 
 def _close(prog: Progress, task: TaskID, ok: bool = True) -> None:
