@@ -116,6 +116,8 @@ def runs(hub, tiny_store, tmp_path_factory) -> dict:
         "family_main": ["correlate", "--family", "fake", *fam, "--tokens", str(tiny_store),
                         "--out", str(out / "fam_main"), "--n-tokens", "512"],
         "listing": ["families", "fake", *fam],
+        "plan": ["plan", "--family", "fake", *fam, "--step", "80000", "--seeds", "1,0",
+                 "--n-tokens", "4096", "--ctx", "64", "--flops-per-s", "1e9"],
     }
     r = subprocess.run([sys.executable, "-c", _DRIVER, json.dumps(list(calls.values()))],
                        env=hub["env"], capture_output=True, text=True, timeout=600)
@@ -164,3 +166,13 @@ def test_correlate_family_offline(runs):
         ("org/name", "safetensors"), ("org/other", "safetensors")]
     assert runs["listing"]["code"] == 0
     assert "org/other" in runs["listing"]["stdout"] and "checkpoint-{step}" in runs["listing"]["stdout"]
+
+
+def test_plan_family_reads_cached_configs_offline(runs):
+    """``plan --family`` expands to the members' revisions and reads their configs from the
+    cache (no weights); with the size of the full matrices --save-full-matrix would write."""
+    assert runs["plan"]["code"] == 0, runs["plan"]["stderr"][-2000:]
+    out = " ".join(runs["plan"]["stdout"].split())
+    assert "model 0: org/other@checkpoint-80000" in out and "model 1: org/name@checkpoint-80000" in out
+    assert "2 x 64 = 128 neurons" in out
+    assert "disk of --save-full-matrix" in out and "32.8 KB (float16)" in out  # 128² x 2 bytes

@@ -244,3 +244,34 @@ def test_analyze_ablate_dynamics_expand_the_family(tmp_path, monkeypatch):
     cfg = seen["args"][0]
     assert cfg.model_template == "{name}@step{step}" and cfg.steps == [1000, 143000]
     assert cfg.names == ["EleutherAI/pythia-160m", "EleutherAI/pythia-160m-data-seed1"]
+
+
+def test_plan_expands_the_family(tmp_path, monkeypatch, capsys):
+    """``plan --family`` plans the members ``correlate --family`` would load (step 0 too:
+    Pythia publishes it), and the API's ``plan(family=...)`` the same."""
+    import unineurons as un
+    from unineurons.cli import main
+
+    monkeypatch.delenv(SEED_FAMILIES_ENV, raising=False)
+    seen: dict = {}
+    _capture(monkeypatch, "unineurons.correlate.estimate", "estimate", seen)
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--family", "pythia-70m", "--seeds", "2,0", "--step", "0",
+              "--flops-per-s", "1e9"])
+    assert e.value.code == 1
+    assert seen["args"][0].models == ["EleutherAI/pythia-70m-seed2@step0",
+                                      "EleutherAI/pythia-70m@step0"]
+    seen.clear()
+    with pytest.raises(_Stop):
+        un.plan(["x/y"], family="crfm-gpt2-small", seeds=[49], step=400000)
+    assert seen["args"][0].models == [
+        "x/y", "stanford-crfm/battlestar-gpt2-small-x49@checkpoint-400000"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["plan"])
+    assert e.value.code == 1 and "--model SPEC (repeat) or --family NAME" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--family", "pythia-70m", "--step", "1500"])
+    assert e.value.code == 1 and "no checkpoint at step 1500" in capsys.readouterr().err
+    with pytest.raises(UnineuronsError, match="give the models"):
+        un.plan()

@@ -445,7 +445,7 @@ def train_tokenizer(source: str, vocab_size: int, out: PathLike, *, max_chars: i
                        heldout_fraction=heldout_fraction))
 
 
-def plan(models: Sequence[PathLike], *, n_tokens: int = 100_000_000, ctx: int = 512,
+def plan(models: Sequence[PathLike] | None = None, *, n_tokens: int = 100_000_000, ctx: int = 512,
          memory_budget: str = "80GB", flops_per_s: float | None = None, workers: int = 1,
          **options: Any) -> Estimate:
     """``unineurons plan``: memory, passes, FLOPs and time of a correlate run, from the model
@@ -459,18 +459,21 @@ def plan(models: Sequence[PathLike], *, n_tokens: int = 100_000_000, ctx: int = 
         flops_per_s: matmul rate for the time (default: a float32 GEMM measured here, ~1 s).
         workers: machines sharing the tokens.
         **options: other CorrelateConfig fields that change the plan: ``pairs``, ``dtype``,
-            ``device``, ``batch_size``, ``accumulate_tokens``, ``ceiling``.
+            ``device``, ``batch_size``, ``accumulate_tokens``, ``ceiling``; ``family`` /
+            ``seeds`` / ``step`` / ``families_file`` as for :func:`correlate`.
 
     Returns:
         The ``Estimate``: ``plan`` (passes, ``peak_bytes``), ``flops`` per token,
         ``total_flops``, ``seconds``.
 
     Raises:
-        UnineuronsError: bad options, a model config that does not load.
+        UnineuronsError: bad options, no models, an unknown family / seed / step, a model
+            config that does not load.
     """
     from .correlate.config import CorrelateConfig
     from .correlate.estimate import estimate
 
-    cfg = _config(CorrelateConfig, None, {"models": list(_listed(models)), "tokens": "-",
+    models = _family(options, models, required=True)
+    cfg = _config(CorrelateConfig, None, {"models": list(models), "tokens": "-",
                                           "memory_budget": memory_budget, **options})
     return estimate(cfg, n_tokens, ctx, rate=flops_per_s, workers=workers)

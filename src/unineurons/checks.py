@@ -20,7 +20,7 @@ import torch
 from .errors import UnineuronsError
 
 __all__ = ["check_store_models", "model_positions", "check_finite_weights", "offline_if_unreachable",
-           "resolve_path"]
+           "resolve_path", "check_matrix_disk", "DISK_MARGIN"]
 
 
 def model_positions(model: torch.nn.Module) -> int | None:
@@ -283,3 +283,39 @@ def check_plan_memory(peak_bytes: int, device: str) -> None:
                                       f"{free / 1e9:,.1f} GB are free there; {fix}")
         return
     check_memory(peak_bytes, "the plan", fix)
+
+
+
+#: Free disk kept beyond an estimate of what a run writes: a share of it, and bytes for the
+#: tables, the manifest and file headers that the estimate leaves out.
+DISK_MARGIN = (0.05, 64 * 2**20)
+
+
+def check_matrix_disk(plan: Any, shapes: Sequence[Any], out: str | Path,
+                      state_dir: Path | None = None) -> None:
+    """``--save-full-matrix``: refuse a correlate run whose full correlation matrices
+    (:func:`~unineurons.correlate.plan.full_matrix_bytes`) do not fit, with
+    :data:`DISK_MARGIN`, in the free space of the disk of ``out`` (of its nearest existing
+    folder). Each matrix is on disk twice until the run ends: in its pass's results under
+    ``state/`` and in its pair file under ``pairs/``. ``state_dir``: the run's state folder when
+    ``out`` exists (a resumed run's finished passes are written already).
+
+    Raises:
+        UnineuronsError: not enough free disk (how much is needed, how much is free, the fix).
+    """
+    from .correlate.plan import fmt_bytes, full_matrix_bytes
+    from .io import check_free_disk
+
+    size = full_matrix_bytes(plan, list(shapes))
+    have = sum(f.stat().st_size for f in state_dir.glob("results.*.safetensors")) \
+        if state_dir is not None and state_dir.is_dir() else 0
+    if size == 0:
+        return
+    n = len({(u.a, u.b) for p in plan.passes for u in p if u.kind == "pair"})
+    share, extra = DISK_MARGIN
+    check_free_disk(out, max(0, int((2 * size - have) * (1 + share)) + extra),
+                    f"--save-full-matrix: the full correlation matrices of {n} model pair(s) "
+                    f"(float16, {fmt_bytes(size)}; on disk twice until the run ends, in state/ "
+                    f"and pairs/) with a {share:.0%} margin",
+                    fix="free space there, choose an --out on a larger disk, or drop "
+                        "--save-full-matrix")

@@ -94,9 +94,11 @@ def read_text(path: str | os.PathLike, what: str = "file") -> str:
         ) from None
 
 
-def check_free_disk(path: str | os.PathLike, need_bytes: int, what: str) -> None:
+def check_free_disk(path: str | os.PathLike, need_bytes: int, what: str,
+                    fix: str = "free some space or write elsewhere") -> None:
     """Refuse to start writing ``need_bytes`` under ``path`` (or its nearest existing parent)
-    when the file system has less free space, rather than fail (or crash) half-way."""
+    when the file system has less free space, rather than fail (or crash) half-way; ``fix``
+    ends the message."""
     p = Path(path).absolute()
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -104,7 +106,7 @@ def check_free_disk(path: str | os.PathLike, need_bytes: int, what: str) -> None
     if need_bytes > free:
         raise UnineuronsError(
             f"{what} needs {need_bytes / 1e9:,.2f} GB but {p} has only {free / 1e9:,.2f} GB free; "
-            "free some space or write elsewhere"
+            f"{fix}"
         )
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 import tomllib
 from collections.abc import Callable
@@ -27,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .analyses.ablate import AblateConfig
 from .analyses.analyze import AnalyzeConfig
@@ -104,9 +105,36 @@ class ZooStage(_Section):
                 if not (k in ("init_seeds", "data_seeds") and v is None)}
 
 
+#: Keys of [correlate] that pick a seed family's members, as the commands' --family options;
+#: left out of the stage hash when unset (configs without them are reused as before).
+FAMILY_KEYS = ("family", "seeds", "families_file", "tokens")
+
+
+def _as_keys(message: str) -> str:
+    """A seed-family error worded for the command line, with the [correlate] keys' names."""
+    return re.sub(r"--(families-file|family|seeds|step)\b",
+                  lambda m: m.group(1).replace("-", "_"), message)
+
+
 class CorrelateStage(_Section):
+    """The correlate stage: the zoo's seeds (the reference seed first), or with ``family`` a
+    seed family's members (``unineurons correlate --family NAME --seeds S --step N``)."""
+
     reference_seed: int = Field(0, ge=0, le=MAX_SEED, description="The zoo seed whose neurons are tested.")
-    step: int | None = Field(None, ge=1, le=MAX_INT, description="Zoo checkpoint step (default: the last).")
+    step: int | None = Field(None, ge=0, le=MAX_INT, description=(
+        "Checkpoint step: of the zoo (default: the last), or with family the family's training "
+        "step (its revision naming; default: main)."))
+    family: str | None = Field(None, description=(
+        "A seed family by name (`unineurons families`): correlate its members instead of the "
+        "zoo's seeds; needs tokens."))
+    seeds: list[Seed] | str | None = Field(None, description=(
+        "With family: the members' seeds in order, e.g. [21, 49] or \"0-9\" (default: all); "
+        "the first is the reference."))
+    families_file: list[str] | None = Field(None, description=(
+        "With family: extra seed family files (TOML like the built-in registry)."))
+    tokens: str | None = Field(None, description=(
+        "Token store folder (default: the pipeline's held-out store); with family one built "
+        "with the family's tokenizer. [analyze] and [ablate] default to it too."))
     n_tokens: int | None = Field(None, ge=1, le=MAX_INT, description="Held-out tokens used (default: all).")
     pairs: Literal["reference", "all"] = "reference"
     threshold: float = Field(0.5, ge=-1, le=1, description="Universal if excess correlation > threshold.")
@@ -118,6 +146,47 @@ class CorrelateStage(_Section):
     batch_size: int = Field(16, ge=1, le=MAX_BATCH)
     memory_budget: str = "8GB"
     dtype: Literal["float32", "tf32", "bfloat16", "float64"] = "float32"
+
+    @model_validator(mode="after")
+    def _family(self) -> CorrelateStage:
+        if self.family is None:
+            if self.seeds is not None or self.families_file is not None:
+                raise UnineuronsError("seeds and families_file pick members of a seed family; "
+                                      "give family = NAME too (`unineurons families` lists them)")
+            return self
+        if "reference_seed" in self.model_fields_set:
+            raise UnineuronsError("reference_seed picks a zoo seed; with family the first of "
+                                  "seeds is the reference")
+        if self.tokens is None:
+            raise UnineuronsError(f"family {self.family!r} needs tokens = DIR: a token store "
+                                  "built with the family's tokenizer (`unineurons tokens build "
+                                  "--tokenizer MODEL`); the pipeline's own stores use its tokenizer")
+        self.family_specs()  # an unknown family, seed or step is refused with the config
+        return self
+
+    def family_specs(self) -> list[str]:
+        """The family's members as model specs (``seeds`` in the order given, at ``step``'s
+        checkpoint, else main), as ``--family`` expands them; [] without ``family``.
+
+        Raises:
+            UnineuronsError: an unknown family, seed or step, worded with this section's keys.
+        """
+        if self.family is None:
+            return []
+        from .cli.families import family_models
+
+        seeds = self.seeds
+        if isinstance(seeds, list):
+            seeds = ",".join(map(str, seeds))
+        try:
+            return family_models(None, self.family, seeds, self.step,
+                                 [Path(f) for f in self.families_file or []], required=True)
+        except UnineuronsError as e:
+            raise UnineuronsError(_as_keys(str(e))) from None
+
+    def model_dump(self, **kw: Any) -> dict[str, Any]:
+        d = super().model_dump(**kw)
+        return {k: v for k, v in d.items() if not (k in FAMILY_KEYS and v is None)}
 
 
 class PipelineConfig(_Section):
@@ -175,6 +244,9 @@ def load_config(path: str | Path | None = None, text: str | None = None,
     except ValidationError as e:
         raise _validation_error(e, where) from None
     check_model_ranges(cfg, where)  # the ranges of the command-line options, by key
+    if cfg.correlate and cfg.correlate.family is None and cfg.zoo is None:
+        raise UnineuronsError(f"{where}: [correlate] needs a [zoo] section (its seeds are "
+                              "correlated) or family = NAME (a seed family's members)")
     return cfg
 
 
@@ -229,6 +301,8 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print,
     tok_dir, train_dir, held_dir = out / "tokenizer", out / "tokens" / "train", out / "tokens" / "heldout"
     zoo_dir, run_dir = out / "zoo", out / "run"
     show = show or (lambda what, obj: None)
+    # analyze and ablate read the correlate stage's store when it names one
+    store = Path(cfg.correlate.tokens) if cfg.correlate and cfg.correlate.tokens else held_dir
 
     if cfg.tokenizer:
         from .tokenizer import train_tokenizer
@@ -273,14 +347,14 @@ def run_pipeline(cfg: PipelineConfig, say: Callable[[str], None] = print,
     if cfg.analyze:
         from .analyses.analyze import analyze_run
 
-        an = cfg.analyze if cfg.analyze.tokens else cfg.analyze.model_copy(update={"tokens": str(held_dir)})
+        an = cfg.analyze if cfg.analyze.tokens else cfg.analyze.model_copy(update={"tokens": str(store)})
         r.stage("analyze", an, [run_dir / "top_contexts.parquet"],
                 lambda: show("analyze", analyze_run(run_dir, an, resume=True)))
     if cfg.ablate:
         from .analyses.ablate import run_ablations
         from .rundir import RunDir
 
-        a = cfg.ablate if cfg.ablate.tokens else cfg.ablate.model_copy(update={"tokens": str(held_dir)})
+        a = cfg.ablate if cfg.ablate.tokens else cfg.ablate.model_copy(update={"tokens": str(store)})
         r.stage("ablate", a, [run_dir / "ablations.parquet"],
                 lambda: show("ablate", run_ablations(RunDir.open(run_dir), a)))
         r.where["ablations"] = str(run_dir / "ablations.parquet")
@@ -327,11 +401,17 @@ def _correlate(cfg: PipelineConfig, zoo_dir: Path, held_dir: Path, run_dir: Path
     from .correlate.engine import run_correlate
 
     c = cfg.correlate
-    assert c is not None and cfg.zoo is not None
-    members = cfg.zoo.members()  # a seed grid's reference is its first member
-    ref = c.reference_seed if c.reference_seed in members else members[0]
-    seeds = [ref] + [s for s in members if s != ref]
-    cc = CorrelateConfig(models=zoo_models(zoo_dir, seeds, c.step), tokens=str(held_dir),
+    assert c is not None
+    if c.family is not None:
+        models = c.family_specs()
+    elif cfg.zoo is None:
+        raise UnineuronsError("config: [correlate] needs a [zoo] section or family = NAME")
+    else:
+        members = cfg.zoo.members()  # a seed grid's reference is its first member
+        ref = c.reference_seed if c.reference_seed in members else members[0]
+        seeds = [ref] + [s for s in members if s != ref]
+        models = zoo_models(zoo_dir, seeds, c.step)
+    cc = CorrelateConfig(models=models, tokens=c.tokens or str(held_dir),
                          n_tokens=c.n_tokens, pairs=c.pairs, threshold=c.threshold,
                          null_rotations=c.null_rotations, fdr=c.fdr, split_half=c.split_half,
                          similarity=c.similarity,

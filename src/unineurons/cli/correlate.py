@@ -115,7 +115,9 @@ def register(app: typer.Typer) -> None:
         )),
         seed: int = typer.Option(0, help="Seed of the random rotations."),
         resume: bool = typer.Option(False, help="Continue an interrupted run in --out from its last checkpoint."),
-        save_full_matrix: bool = typer.Option(False, help="Also save each pair's full correlation matrix in float16."),
+        save_full_matrix: bool = typer.Option(False, help=(
+            "Also save each pair's full correlation matrix in float16 (GPT-2 small: 2.7 GB a pair, "
+            "twice that until the run ends; the free disk of --out is checked first).")),
         checkpoint_tokens: int = CHECKPOINT_TOKENS,
         keep_newline: bool = typer.Option(False, help=(
             "Keep newline-token positions (dropped by default, as in the paper)."
@@ -169,7 +171,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("plan")
     def plan(
-        model: list[str] = typer.Option(..., "--model", "-m", help=(
+        model: list[str] = typer.Option(None, "--model", "-m", help=(
             "Model spec; repeat. Only configs are read: no weights.")),
         n_tokens: int = typer.Option(100_000_000, help="Tokens the run would stream."),
         ctx: int = typer.Option(512, help="Context length of the token store."),
@@ -187,13 +189,19 @@ def register(app: typer.Typer) -> None:
         flops_per_s: float = typer.Option(None, help=(
             "Matmul rate for the time estimate (default: measure fp32 GEMM here).")),
         workers: int = typer.Option(1, help="Machines (Ray workers) sharing the tokens."),
+        family: str = FAMILY,
+        seeds: str = FAMILY_SEEDS,
+        step: int = FAMILY_STEP,
+        families_file: list[Path] = FAMILIES_FILE,
     ) -> None:
         """Plan a correlate run from model configs alone: memory, passes, FLOPs, time."""
         from ..correlate.config import CorrelateConfig
         from ..correlate.estimate import estimate
-        from ..correlate.plan import fmt_bytes
+        from ..correlate.plan import fmt_bytes, full_matrix_bytes
         from . import console
+        from .families import family_models
 
+        model = family_models(model, family, seeds, step, families_file, required=True)
         cfg = build(CorrelateConfig, models=model, tokens="-", pairs=pairs, dtype=dtype,
                            device=device, batch_size=batch_size, accumulate_tokens=accumulate_tokens,
                            memory_budget=memory_budget, ceiling=ceiling,
@@ -215,6 +223,10 @@ def register(app: typer.Typer) -> None:
         t.add_row("within-layer covariances (kept)", fmt_bytes(p.persistent_bytes))
         t.add_row("weights, batch buffers, forward pass", fmt_bytes(p.stream_bytes))
         t.add_row("peak memory", f"{fmt_bytes(p.peak_bytes)} of {fmt_bytes(p.budget)}")
+        full = full_matrix_bytes(p, est.shapes)
+        if full:
+            t.add_row("disk of --save-full-matrix", f"{fmt_bytes(full)} (float16), twice that "
+                      "until the run ends")
         f = est.flops
         t.add_row("FLOPs per token", f"{f['total'] / 1e9:,.2f} G (forward {f['forward'] / 1e9:,.2f}, "
                   f"co-moments {f['comoments'] / 1e9:,.2f}, layer cov {f['layer_cov'] / 1e9:,.2f})")

@@ -62,7 +62,9 @@ class CorrelateConfig(Backend):
         "Bytes the accumulators and batch buffers may use; more pairs take more passes."
     ))
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of the random rotations.")
-    save_full_matrix: bool = Field(False, description="Also save every pair's full correlation matrix (float16).")
+    save_full_matrix: bool = Field(False, description=(
+        "Also save every pair's full correlation matrix (float16; refused up front when the "
+        "out folder's disk cannot hold them twice)."))
     checkpoint_tokens: int = Field(1_000_000, ge=1, le=MAX_INT, description=(
         "Save resumable state every this many tokens."))
     drop_bos: bool = True

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype, shift_of, shifted, sum64
-from ..checks import check_plan_memory, check_store_models
+from ..checks import check_matrix_disk, check_plan_memory, check_store_models
 from ..errors import UnineuronsError
 from ..io import load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from ..models.load import LoadedModel, load_model
@@ -245,8 +245,7 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
     t_start = time.time()
     # everything that can fail on bad input is checked before the run directory exists,
     # so a refused run leaves nothing behind
-    if Path(out).exists():
-        RunDir.create(out)  # refuses a folder holding something else
+    prior = RunDir.create(out) if Path(out).exists() else None  # refuses anything else
     store = TokenStore.open(cfg.tokens)
     contexts = store.contexts(cfg.n_tokens)
     special = store.manifest["tokenizer"]
@@ -260,16 +259,17 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
                          vocab_size=m.adapter.vocab_size) for m in models]
     accumulate = accumulate_tokens(cfg, shapes, store.ctx)
     chash = _config_hash(cfg, models, store, accumulate)
+    done = prior.manifest().get("correlate") if prior else None
+    if prior and done and done.get("config_hash") == chash and prior.has_table("neurons"):
+        return CorrelateResult(prior, prior.read_table("neurons"), prior.read_table("layers"),
+                               plan=None, elapsed_s=0.0, reused=True)  # type: ignore[arg-type]
     plan = plan_for(cfg, shapes, store.ctx)
     if cfg.backend == "local":
         check_plan_memory(plan.peak_bytes, cfg.driver_device)  # not killed half-way, silently
+    if cfg.save_full_matrix:  # refused now, not when the disk fills hours in
+        check_matrix_disk(plan, shapes, out, prior.state_dir if prior else None)
     run = RunDir.create(out)
-
-    done = run.manifest().get("correlate")
     ckpt_path = run.state_dir / CHECKPOINT
-    if done and done.get("config_hash") == chash and run.has_table("neurons"):
-        return CorrelateResult(run, run.read_table("neurons"), run.read_table("layers"),
-                               plan=None, elapsed_s=0.0, reused=True)  # type: ignore[arg-type]
     if done and not resume:
         raise UnineuronsError(
             f"run directory {run.path} already holds correlate results of another configuration; "

@@ -31,10 +31,11 @@ from ..errors import UnineuronsError
 
 __all__ = ["ModelShape", "Unit", "Plan", "plan_units", "stream_bytes", "forward_workspace",
            "work_bytes", "acc_bytes", "null_bytes", "null_flops", "parse_bytes", "fmt_bytes",
-           "flops_per_token"]
+           "flops_per_token", "full_matrix_bytes"]
 
 F64 = 8
 F32 = 4
+F16 = 2
 #: bytes per weight: ``models/load.py`` loads every model in float32, on every device
 WEIGHT_BYTES = 4
 
@@ -215,6 +216,15 @@ class Plan:
                 "pass_bytes": self.pass_bytes, "work_bytes": self.work_bytes,
                 "persistent_bytes": self.persistent_bytes, "stream_bytes": self.stream_bytes,
                 "budget_bytes": self.budget, "peak_bytes": self.peak_bytes}
+
+
+def full_matrix_bytes(plan: Plan, shapes: list[ModelShape]) -> int:
+    """Bytes of the full correlation matrices ``--save-full-matrix`` writes: one float16
+    ``[neurons of a, neurons of b]`` matrix per correlated pair (a, b) of the plan (``--pairs
+    all``: one per unordered pair, the other direction is its transpose and is not written);
+    ceiling blocks write none. GPT-2 small against GPT-2 small: 36,864² x 2 B = 2.7 GB."""
+    return sum((u.l1 - u.l0) * shapes[u.a].d_mlp * shapes[u.b].n * F16
+               for p in plan.passes for u in p if u.kind == "pair")
 
 
 def pair_list(n_models: int, mode: str) -> list[tuple[int, int, bool]]:
