@@ -83,7 +83,8 @@ def register(app: typer.Typer) -> None:
     @app.command("demo")
     def demo(
         out: Path = typer.Option(None, help="Output folder (default: ./unineurons_demo)."),
-        config: str = typer.Option("demo", help="Built-in config: demo (about 9 min on 2 idle cores) or micro (seconds)."),
+        config: str = typer.Option(
+            "demo", help="Built-in config: demo (about 9 min on 2 idle cores) or micro (seconds)."),
     ) -> None:
         """The whole pipeline offline on the standard library: tokenizer, token stores, a 5-seed
         zoo of tiny GPT-2s, universal neurons, their properties and ablations, and the report
