@@ -121,3 +121,44 @@ def test_estimate_is_what_a_run_writes_and_a_finished_run_needs_no_disk(models, 
     assert not list((tmp_path / "run" / "state").glob("*.safetensors"))
     _free(monkeypatch, 0)  # a finished run is reused, not refused
     assert un.correlate(out=tmp_path / "run", **kw).result.reused
+
+
+def test_checkpoint_disk_counts_two_states_and_the_layer_covariances(tmp_path, monkeypatch):
+    """A pass streaming more than --checkpoint-tokens saves its blocks and the layer
+    covariances every --checkpoint-tokens; the disk must hold two such states at once."""
+    from unineurons.checks import check_checkpoint_disk
+
+    plan, shapes = _gpt2_small_plan(5, "reference")
+    plan = Plan(plan.passes, [40 * 10**9, 30 * 10**9], 0, 0, plan.budget)
+    layercov = 5 * 12 * 3072 * 3072 * 8
+    need = int((2 * (40 * 10**9 + layercov) + layercov) * (1 + DISK_MARGIN[0])) + DISK_MARGIN[1]
+    kw = dict(stream_tokens=10**8, checkpoint_tokens=10**6)
+    _free(monkeypatch, need - 1)
+    with pytest.raises(UnineuronsError) as e:
+        check_checkpoint_disk(plan, shapes, tmp_path / "run", **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("correlate's checkpoints (every 1,000,000 of "
+                                              "100,000,000 tokens")
+    assert f"needs {need / 1e9:,.2f} GB but {tmp_path} has only" in msg
+    assert msg.endswith("raise --checkpoint-tokens to at least 100,000,000 (no resume point "
+                        "within a pass then)")
+    check_checkpoint_disk(plan, shapes, tmp_path / "run", stream_tokens=10**6,
+                          checkpoint_tokens=10**6)  # never saves within a pass: no need
+    _free(monkeypatch, need)
+    check_checkpoint_disk(plan, shapes, tmp_path / "run", **kw)
+    with pytest.raises(UnineuronsError, match="and the full matrices"):  # both must fit
+        check_checkpoint_disk(plan, shapes, tmp_path / "run", also=10**9, **kw)
+
+
+def test_cli_refuses_checkpoints_that_cannot_fit(models, tiny_store, tmp_path, capsys,
+                                                 monkeypatch):
+    _free(monkeypatch, 10_000)
+    out = tmp_path / "runs" / "run"
+    with pytest.raises(SystemExit) as e:
+        main(["correlate", "-m", models[0], "-m", models[1], "--tokens", str(tiny_store),
+              "--out", str(out), "--n-tokens", "256", "--checkpoint-tokens", "64"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("note:")]
+    assert e.value.code == 1 and "Traceback" not in err
+    assert len(lines) == 1 and lines[0].startswith("error: correlate's checkpoints"), err
+    assert not (tmp_path / "runs").exists()

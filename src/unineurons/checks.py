@@ -20,7 +20,7 @@ import torch
 from .errors import UnineuronsError
 
 __all__ = ["check_store_models", "model_positions", "check_finite_weights", "offline_if_unreachable",
-           "resolve_path", "check_matrix_disk", "DISK_MARGIN"]
+           "resolve_path", "check_matrix_disk", "check_checkpoint_disk", "DISK_MARGIN"]
 
 
 def model_positions(model: torch.nn.Module) -> int | None:
@@ -285,7 +285,6 @@ def check_plan_memory(peak_bytes: int, device: str) -> None:
     check_memory(peak_bytes, "the plan", fix)
 
 
-
 #: Free disk kept beyond an estimate of what a run writes: a share of it, and bytes for the
 #: tables, the manifest and file headers that the estimate leaves out.
 DISK_MARGIN = (0.05, 64 * 2**20)
@@ -319,3 +318,43 @@ def check_matrix_disk(plan: Any, shapes: Sequence[Any], out: str | Path,
                     f"and pairs/) with a {share:.0%} margin",
                     fix="free space there, choose an --out on a larger disk, or drop "
                         "--save-full-matrix")
+
+
+def check_checkpoint_disk(plan: Any, shapes: Sequence[Any], out: str | Path, *,
+                          stream_tokens: int, checkpoint_tokens: int, halves: int = 1,
+                          state_dir: Path | None = None, also: int = 0) -> None:
+    """Refuse a correlate run whose resumable checkpoints cannot fit on the disk of ``out``
+    (of its nearest existing folder), before anything is streamed: a run of GPT-2-small
+    size would otherwise stream for hours and fail on its first save.
+
+    A pass that streams more than ``checkpoint_tokens`` of its ``stream_tokens`` saves its
+    whole state every ``checkpoint_tokens``: its co-moment blocks (``plan.pass_bytes``, float64,
+    both split halves) and every model's within-layer covariances (float64 ``[L, d, d]`` per
+    half). A save writes a new file before it replaces the last one, so the disk holds two
+    states at once, plus the layer covariances' own file after the first pass; with
+    :data:`DISK_MARGIN`. ``state_dir``: the run's state folder when resuming (the files there
+    count as written already). ``also``: bytes the run writes besides (``--save-full-matrix``'s
+    matrices, twice), so that both fit together.
+
+    Raises:
+        UnineuronsError: not enough free disk (need, free, the fix).
+    """
+    from .correlate.plan import fmt_bytes
+    from .io import check_free_disk
+
+    if stream_tokens <= checkpoint_tokens or not plan.pass_bytes:
+        return
+    layercov = halves * sum(s.n_layers * s.d_mlp * s.d_mlp * 8 for s in shapes)
+    state = max(plan.pass_bytes) + layercov
+    have = sum(f.stat().st_size for f in state_dir.glob("*.safetensors")) \
+        if state_dir is not None and state_dir.is_dir() else 0
+    share, extra = DISK_MARGIN
+    need = max(0, int((2 * state + layercov + also - have) * (1 + share)) + extra)
+    check_free_disk(out, need,
+                    f"correlate's checkpoints (every {checkpoint_tokens:,} of {stream_tokens:,} "
+                    f"tokens a pass saves its accumulators, {fmt_bytes(state)}, twice on disk "
+                    f"while a save replaces the last"
+                    + (", and the full matrices" if also else "") + f") with a {share:.0%} margin",
+                    fix="free space there, choose an --out on a larger disk, or raise "
+                        f"--checkpoint-tokens to at least {stream_tokens:,} (no resume point "
+                        "within a pass then)")

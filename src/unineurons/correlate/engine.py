@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..accumulators.comoments import CoMoments, LayerCov, batch_matmul_dtype, shift_of, shifted, sum64
-from ..checks import check_matrix_disk, check_plan_memory, check_store_models
+from ..checks import check_checkpoint_disk, check_matrix_disk, check_plan_memory, check_store_models
 from ..errors import UnineuronsError
 from ..io import load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from ..models.load import LoadedModel, load_model
@@ -31,7 +31,7 @@ from .calibrate import block_null
 from .config import CorrelateConfig
 from .extras import unit_extras, write_extras
 from .maxcorr import block_results
-from .plan import ModelShape, Plan, Unit, plan_units, stream_bytes
+from .plan import ModelShape, Plan, Unit, full_matrix_bytes, plan_units, stream_bytes
 from .rotation import rotation_for
 from .summarize import finalize
 
@@ -268,6 +268,11 @@ def run_correlate(cfg: CorrelateConfig, out: str | Path, *, resume: bool = False
         check_plan_memory(plan.peak_bytes, cfg.driver_device)  # not killed half-way, silently
     if cfg.save_full_matrix:  # refused now, not when the disk fills hours in
         check_matrix_disk(plan, shapes, out, prior.state_dir if prior else None)
+    check_checkpoint_disk(plan, shapes, out, stream_tokens=contexts.shape[0] * store.ctx,
+                          checkpoint_tokens=cfg.checkpoint_tokens,
+                          halves=2 if cfg.split_half else 1,
+                          state_dir=prior.state_dir if prior else None,
+                          also=2 * full_matrix_bytes(plan, shapes) if cfg.save_full_matrix else 0)
     run = RunDir.create(out)
     ckpt_path = run.state_dir / CHECKPOINT
     if done and not resume:
