@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _apirun import BROKEN, D_MLP, permuted_models
 
 from unineurons.errors import UnineuronsError
 from unineurons.report import ReportConfig, build_report
@@ -32,44 +33,15 @@ from unineurons.report.plots_effects import ablation_summary, family_examples, i
 from unineurons.report.windows import window_activations
 from unineurons.rundir import RunDir
 
-D_MLP = 64
-PERMUTED_SEEDS = 2
-#: neurons re-drawn in the partner seeds (in every layer): these are not universal
-BROKEN = range(0, 16)
 XSS = ["<script>window.__xss=1</script>", "<img src=x onerror=\"window.__xss=2\">",
        "</textarea><b>bold</b>", "</script><script>window.__xss=3</script>", "&amp; <!--"]
 _CACHE: dict[str, Path] = {}
 
 
 def _seed_models(root: Path, tokenizer: Path) -> list[str]:
-    """Seed 0 and its permuted copies (safetensors + tokenizer folders)."""
-    from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_inner=D_MLP, vocab_size=512,
-                     n_positions=64, bos_token_id=0, eos_token_id=1)
-    base = root / "seed0"
-    GPT2LMHeadModel(cfg).save_pretrained(base, safe_serialization=True)
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    tok.save_pretrained(base)
-    paths = [str(base)]
-    g = torch.Generator().manual_seed(1)
-    for s in range(1, PERMUTED_SEEDS + 1):
-        out = root / f"seed{s}"
-        shutil.copytree(base, out)
-        sd = load_file(out / "model.safetensors")
-        for layer in range(2):
-            perm = torch.randperm(D_MLP, generator=g)
-            p = f"transformer.h.{layer}.mlp."
-            sd[p + "c_fc.weight"] = sd[p + "c_fc.weight"][:, perm].contiguous()  # [d_model, d_mlp]
-            sd[p + "c_fc.bias"] = sd[p + "c_fc.bias"][perm].contiguous()
-            sd[p + "c_proj.weight"] = sd[p + "c_proj.weight"][perm].contiguous()  # [d_mlp, d_model]
-            new = torch.argsort(perm)[list(BROKEN)]  # where the broken neurons went
-            sd[p + "c_fc.weight"][:, new] = 0.2 * torch.randn(32, len(new), generator=g)
-        save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
-        paths.append(str(out))
-    return paths
+    """Seed 0 and its permuted copies (safetensors + tokenizer folders): the same models as
+    the API tests' (``_apirun.permuted_models``)."""
+    return permuted_models(root, tokenizer)[0]
 
 
 def _hand_tables(run: RunDir, ref: str, univ: pd.DataFrame) -> None:

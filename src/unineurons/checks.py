@@ -290,6 +290,13 @@ def check_plan_memory(peak_bytes: int, device: str) -> None:
 DISK_MARGIN = (0.05, 64 * 2**20)
 
 
+def _written(state_dir: Path | None, pattern: str) -> int:
+    """Bytes of a resumed run's state files matching ``pattern`` (0 for a new run)."""
+    if state_dir is None or not state_dir.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in state_dir.glob(pattern))
+
+
 def check_matrix_disk(plan: Any, shapes: Sequence[Any], out: str | Path,
                       state_dir: Path | None = None) -> None:
     """``--save-full-matrix``: refuse a correlate run whose full correlation matrices
@@ -306,8 +313,7 @@ def check_matrix_disk(plan: Any, shapes: Sequence[Any], out: str | Path,
     from .io import check_free_disk
 
     size = full_matrix_bytes(plan, list(shapes))
-    have = sum(f.stat().st_size for f in state_dir.glob("results.*.safetensors")) \
-        if state_dir is not None and state_dir.is_dir() else 0
+    have = _written(state_dir, "results.*.safetensors")
     if size == 0:
         return
     n = len({(u.a, u.b) for p in plan.passes for u in p if u.kind == "pair"})
@@ -346,8 +352,7 @@ def check_checkpoint_disk(plan: Any, shapes: Sequence[Any], out: str | Path, *,
         return
     layercov = halves * sum(s.n_layers * s.d_mlp * s.d_mlp * 8 for s in shapes)
     state = max(plan.pass_bytes) + layercov
-    have = sum(f.stat().st_size for f in state_dir.glob("*.safetensors")) \
-        if state_dir is not None and state_dir.is_dir() else 0
+    have = _written(state_dir, "*.safetensors")
     share, extra = DISK_MARGIN
     need = max(0, int((2 * state + layercov + also - have) * (1 + share)) + extra)
     check_free_disk(out, need,
